@@ -1,0 +1,216 @@
+"""The federated datamodule: one dataset partitioned over clients, with missing-modality dropout."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import lightning as L
+import open_clip
+import torch
+from jsonargparse import lazy_instance
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from fedilora.backbone import TINY_MODEL, register_model_configs
+from fedilora.data.missing import MissingKind, missing_masks
+from fedilora.data.partition import dirichlet_partition, iid_partition, split_client
+from fedilora.data.source import MultimodalData, MultimodalSource
+from fedilora.data.synthetic import SyntheticBenchmark
+from fedilora.errors import ConfigError
+
+Split = Literal["train", "val", "test"]
+Condition = Literal["complete", "image_only", "text_only", "missing"]
+CONDITIONS: tuple[Condition, ...] = ("complete", "image_only", "text_only")
+
+
+class _Batches(Dataset):
+    """Whole batches indexed at once from in-memory tensors (the sampler yields index lists), so a
+    batch costs one gather per field rather than a Python collate over samples."""
+
+    def __init__(self, data: MultimodalData, tokens: Tensor, index: Tensor, image_present: Tensor, text_present: Tensor):
+        self.data, self.tokens, self.index = data, tokens, index
+        self.image_present, self.text_present = image_present, text_present
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, positions: list[int]) -> dict[str, Tensor]:
+        positions = torch.as_tensor(positions, dtype=torch.long)
+        rows = self.index[positions]
+        return {
+            "image": self.data.images[rows],
+            "tokens": self.tokens[rows],
+            "label": self.data.labels[rows],
+            "image_present": self.image_present[positions],
+            "text_present": self.text_present[positions],
+        }
+
+
+class FederatedDataModule(L.LightningDataModule):
+    """Partitions one multimodal dataset over clients and drops modalities per client.
+
+    Args:
+        dataset: The dataset (default: the embedded synthetic benchmark).
+        num_clients: Number of clients the training pool is partitioned over.
+        partition: ``iid`` (equal random shares) or ``dirichlet`` (label skew with ``dirichlet_alpha``).
+        dirichlet_alpha: Concentration of the Dirichlet label skew; smaller is more skewed.
+        missing_rate: Fraction of each client's train/val samples missing a modality: one value for
+            all clients or one per client.
+        missing_kind: Which modality goes missing: ``image``, ``text`` or ``both`` (each incomplete
+            sample loses the image or the text with equal probability, never both).
+        test_missing_rate: Missing rate of the clients' test splits and of the ``missing`` condition of
+            the global test set (complete / image-only / text-only are always reported).
+        val_fraction: Fraction of each client's samples held out for validation.
+        test_fraction: Fraction of each client's samples held out for its personalized test.
+        batch_size: Local training batch size.
+        eval_batch_size: Evaluation batch size.
+        tokenizer: open_clip model name whose tokenizer encodes the texts (the CLI links it to
+            ``model.model_name``).
+        seed: Seed of partitioning, splits and missing masks.
+    """
+
+    def __init__(
+        self,
+        dataset: MultimodalSource = lazy_instance(SyntheticBenchmark),
+        num_clients: int = 10,
+        partition: Literal["iid", "dirichlet"] = "iid",
+        dirichlet_alpha: float = 0.5,
+        missing_rate: float | list[float] = 0.0,
+        missing_kind: MissingKind = "both",
+        test_missing_rate: float = 0.0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        tokenizer: str = TINY_MODEL,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if num_clients < 1:
+            raise ConfigError(f"data.num_clients: must be >= 1, got {num_clients}")
+        if partition not in ("iid", "dirichlet"):
+            raise ConfigError(f"data.partition: unknown {partition!r}; allowed: iid, dirichlet")
+        if missing_kind not in ("image", "text", "both"):
+            raise ConfigError(f"data.missing_kind: unknown {missing_kind!r}; allowed: image, text, both")
+        rates = [missing_rate] * num_clients if isinstance(missing_rate, (int, float)) else list(missing_rate)
+        if len(rates) != num_clients:
+            raise ConfigError(
+                f"data.missing_rate: {len(rates)} rates given for {num_clients} clients; give one value or one per client"
+            )
+        for name, values in (("missing_rate", rates), ("test_missing_rate", [test_missing_rate])):
+            for value in values:
+                if not 0.0 <= value <= 1.0:
+                    raise ConfigError(f"data.{name}: {value} is outside [0, 1]")
+        if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0 and val_fraction + test_fraction < 1.0):
+            raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        self.dataset = dataset
+        self.num_clients = num_clients
+        self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
+        self.missing_rates = [float(r) for r in rates]
+        self.missing_kind: MissingKind = missing_kind
+        self.test_missing_rate = test_missing_rate
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.tokenizer, self.seed = tokenizer, seed
+        self.clients: list[dict[Split, tuple[Tensor, Tensor, Tensor]]] = []
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def task(self) -> str:
+        return self.dataset.task
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.clients:
+            return
+        pool, test = self.dataset.load()
+        register_model_configs()
+        tokenize = open_clip.get_tokenizer(self.tokenizer)
+        self.pool, self.test = pool, test
+        self.pool_tokens, self.test_tokens = tokenize(pool.texts), tokenize(test.texts)
+        if len(pool) < self.num_clients:
+            raise ConfigError(
+                f"data.num_clients: {self.num_clients} clients but the training pool has only {len(pool)} samples"
+            )
+        if self.partition == "iid":
+            parts = iid_partition(len(pool), self.num_clients, self.seed)
+        else:
+            parts = dirichlet_partition(pool.labels, self.num_clients, self.dirichlet_alpha, self.seed)
+        for client, part in enumerate(parts):
+            splits = split_client(part, self.val_fraction, self.test_fraction, seed=self.seed * 7919 + client)
+            if len(splits["train"]) == 0:
+                raise ConfigError(
+                    f"data.num_clients: client {client} gets no training sample ({len(part)} samples in all); "
+                    "use fewer clients, a larger dataset or a milder data.dirichlet_alpha"
+                )
+            entry = {}
+            for k, (split, index) in enumerate(splits.items()):
+                rate = self.test_missing_rate if split == "test" else self.missing_rates[client]
+                masks = missing_masks(len(index), rate, self.missing_kind, seed=(self.seed * 7919 + client) * 4 + k)
+                entry[split] = (index, *masks)
+            self.clients.append(entry)
+        self.test_masks = missing_masks(len(test), self.test_missing_rate, self.missing_kind, seed=self.seed * 7919 - 1)
+
+    # ---------------------------------------------------------------------------- client views
+    def num_train_samples(self, client: int) -> int:
+        return len(self.clients[client]["train"][0])
+
+    def client_dataloader(self, client: int, split: Split, generator: torch.Generator | None = None) -> DataLoader:
+        """Client ``client``'s ``split``; training batches are shuffled with ``generator``."""
+        index, image_present, text_present = self.clients[client][split]
+        return self._loader(_Batches(self.pool, self.pool_tokens, index, image_present, text_present), split, generator)
+
+    def global_test_dataloader(self, condition: Condition = "complete") -> DataLoader:
+        """The global test set with every sample in ``condition``: ``complete``, ``image_only``,
+        ``text_only``, or ``missing`` (the masks of ``test_missing_rate``)."""
+        n = len(self.test)
+        if condition == "missing":
+            image_present, text_present = self.test_masks
+        else:
+            image_present = torch.full((n,), condition != "text_only")
+            text_present = torch.full((n,), condition != "image_only")
+        index = torch.arange(n)
+        return self._loader(_Batches(self.test, self.test_tokens, index, image_present, text_present), "test", None)
+
+    def conditions(self) -> tuple[Condition, ...]:
+        return (*CONDITIONS, "missing") if self.test_missing_rate > 0 else CONDITIONS
+
+    def _loader(self, dataset: _Batches, split: Split, generator: torch.Generator | None) -> DataLoader:
+        if split == "train":
+            sampler = RandomSampler(dataset, generator=generator)
+            batch_size = self.batch_size
+        else:
+            sampler, batch_size = SequentialSampler(dataset), self.eval_batch_size
+        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+
+    def _pooled(self, split: Split, clients: Sequence[int] | None = None) -> _Batches:
+        clients = range(self.num_clients) if clients is None else clients
+        parts = [self.clients[k][split] for k in clients]
+        index, image_present, text_present = (torch.cat(p) for p in zip(*parts))
+        return _Batches(self.pool, self.pool_tokens, index, image_present, text_present)
+
+    # --------------------------------------------- pooled views (centralized training, lightning.Trainer)
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._pooled("train"), "train", torch.Generator().manual_seed(self.seed))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._pooled("val"), "val", None)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.global_test_dataloader("complete")
+
+    def missing_masks(self) -> dict[str, Tensor]:
+        """Every mask of the run, flat, for storing next to its logs."""
+        masks = {}
+        for client, entry in enumerate(self.clients):
+            for split, (index, image_present, text_present) in entry.items():
+                masks[f"client{client}.{split}.index"] = index
+                masks[f"client{client}.{split}.image_present"] = image_present
+                masks[f"client{client}.{split}.text_present"] = text_present
+        masks["global_test.image_present"], masks["global_test.text_present"] = self.test_masks
+        return masks
