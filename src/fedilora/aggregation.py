@@ -134,7 +134,9 @@ class DimensionWise(Aggregator):
     """FediLoRA: dimension-wise reweighted averaging, no dilution by zero padding."""
 
     def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
-        return dimension_wise_average(global_lora, [u.lora for u in updates], [u.rank for u in updates], sample_weights(updates))
+        return dimension_wise_average(
+            global_lora, [u.lora for u in updates], [u.rank for u in updates], sample_weights(updates)
+        )
 
 
 class FedAvg(Aggregator):

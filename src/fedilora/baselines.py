@@ -172,9 +172,7 @@ def low_rank_svd(b_stack: Tensor, a_stack: Tensor) -> SVD:
     return q_b @ u, s, q_a @ vh.T
 
 
-def truncated_factors(
-    u: Tensor, s: Tensor, v: Tensor, rank: int, scale: float = 1.0
-) -> tuple[Tensor, Tensor]:
+def truncated_factors(u: Tensor, s: Tensor, v: Tensor, rank: int, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """(B_r, A_r) = (U_r sqrt(S_r / s), sqrt(S_r / s) V_r^T), so s B_r A_r = U_r S_r V_r^T.
 
     The singular values are split evenly between the factors; if fewer than ``rank`` exist, B_r and
@@ -195,9 +193,7 @@ def dense_truncated_factors(dw: Tensor, rank: int, scale: float = 1.0) -> tuple[
     return truncated_factors(u, s, vh.T, rank, scale)
 
 
-def flexlora_svd(
-    client_loras: Sequence[Mapping[str, Tensor]], weights: Tensor, scale: float = 1.0
-) -> dict[str, SVD]:
+def flexlora_svd(client_loras: Sequence[Mapping[str, Tensor]], weights: Tensor, scale: float = 1.0) -> dict[str, SVD]:
     """``{prefix: SVD of dW_g}`` with dW_g = sum_k w_k s B_k A_k = Bs As.
 
     Bs = [sqrt(w_1 s) B_1, ..., sqrt(w_K s) B_K] and As = [sqrt(w_1 s) A_1; ...]: splitting the

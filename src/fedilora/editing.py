@@ -82,7 +82,9 @@ class ModelEditing(FederatedCallback):
             (0.5) or ``replace`` (0, take the global matrix).
     """
 
-    def __init__(self, keys: EditKeys = "lora_A", num_edits: int = 1, threshold: float = 0.95, blend: Blend = "similarity"):
+    def __init__(
+        self, keys: EditKeys = "lora_A", num_edits: int = 1, threshold: float = 0.95, blend: Blend = "similarity"
+    ):
         if keys not in ("lora_A", "lora_B", "all"):
             raise ConfigError(f"ModelEditing.keys: unknown {keys!r}; allowed: lora_A, lora_B, all")
         if blend not in ("similarity", "half", "replace"):

@@ -129,9 +129,13 @@ class LoRACLIPClassifier(L.LightningModule):
         mean, std = image_normalization(clip)
         self.register_buffer("pixel_mean", mean, persistent=False)
         self.register_buffer("pixel_std", std, persistent=False)
-        self.image_size = tuple(clip.visual.image_size) if isinstance(clip.visual.image_size, Sequence) else (
-            clip.visual.image_size,
-            clip.visual.image_size,
+        self.image_size = (
+            tuple(clip.visual.image_size)
+            if isinstance(clip.visual.image_size, Sequence)
+            else (
+                clip.visual.image_size,
+                clip.visual.image_size,
+            )
         )
         tokenizer = open_clip.get_tokenizer(self.model_name)
         self.register_buffer("empty_tokens", tokenizer([""])[0], persistent=False)
@@ -196,10 +200,14 @@ class LoRACLIPClassifier(L.LightningModule):
         own = self._lora_tensors(rank)
         if own.keys() != state.keys():
             missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-            raise ValueError(f"adapter keys do not match rank-{rank} adapter: missing {missing[:3]}, unexpected {extra[:3]}")
+            raise ValueError(
+                f"adapter keys do not match rank-{rank} adapter: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         for key, value in state.items():
             if own[key].shape != value.shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} does not fit rank {rank} ({tuple(own[key].shape)})")
+                raise ValueError(
+                    f"{key}: shape {tuple(value.shape)} does not fit rank {rank} ({tuple(own[key].shape)})"
+                )
         result = set_peft_model_state_dict(
             self.backbone, {_PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name(rank)
         )

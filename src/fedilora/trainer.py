@@ -84,7 +84,11 @@ class FederatedTrainer:
         name: str = "fedilora",
         progress: bool = True,
     ) -> None:
-        for option, value, low in (("rounds", rounds, 1), ("local_epochs", local_epochs, 1), ("eval_every", eval_every, 1)):
+        for option, value, low in (
+            ("rounds", rounds, 1),
+            ("local_epochs", local_epochs, 1),
+            ("eval_every", eval_every, 1),
+        ):
             if value < low:
                 raise ConfigError(f"trainer.{option}: must be >= {low}, got {value}")
         if max_local_steps is not None and max_local_steps < 1:
@@ -182,7 +186,9 @@ class FederatedTrainer:
         fabric.call("on_fit_start", trainer=self)
 
         start = time.perf_counter()
-        self._bar = tqdm(total=self.rounds, desc="round", dynamic_ncols=True, disable=not (self.progress and fabric.is_global_zero))
+        self._bar = tqdm(
+            total=self.rounds, desc="round", dynamic_ncols=True, disable=not (self.progress and fabric.is_global_zero)
+        )
         for round_ in range(self.rounds):
             metrics = self._run_round(model, datamodule, round_, ranks, per_round)
             if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
@@ -291,7 +297,9 @@ class FederatedTrainer:
         model.val_metrics.reset()
         return values
 
-    def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, global_rank: int) -> dict[str, float]:
+    def evaluate(
+        self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, global_rank: int
+    ) -> dict[str, float]:
         """Global model on the global test set per modality condition; personalized models on their clients' tests."""
         metrics = {}
         model.load_client_state(global_rank, self.global_lora, self.global_extra)
@@ -316,7 +324,9 @@ class FederatedTrainer:
     def _show(self, round_: int, client: int, rank: int, step: int, total: int) -> None:
         if self._bar is None or self._bar.disable:
             return
-        self._bar.set_postfix_str(f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}", refresh=False)
+        self._bar.set_postfix_str(
+            f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}", refresh=False
+        )
         now = time.monotonic()
         if now - getattr(self, "_last_refresh", 0.0) > 0.5:
             self._bar.refresh()
@@ -340,7 +350,9 @@ class FederatedTrainer:
             masks = {k: v.contiguous() for k, v in datamodule.missing_masks().items()}
             save_file(masks, str(self.log_dir / "missing_masks.safetensors"))
         except OSError as err:
-            raise ConfigError(f"trainer.root_dir: cannot write the run directory {self.log_dir} ({err.strerror})") from None
+            raise ConfigError(
+                f"trainer.root_dir: cannot write the run directory {self.log_dir} ({err.strerror})"
+            ) from None
 
     def _results(self, datamodule: FederatedDataModule, ranks: Sequence[int], seconds: float) -> dict:
         final = self.history[-1]
@@ -375,7 +387,12 @@ def _optimizer(configured) -> torch.optim.Optimizer:
     raise TypeError(f"configure_optimizers returned {type(configured).__name__}; expected an optimizer")
 
 
-_CONDITION_NAMES = {"complete": "complete", "image_only": "image only", "text_only": "text only", "missing": "as configured"}
+_CONDITION_NAMES = {
+    "complete": "complete",
+    "image_only": "image only",
+    "text_only": "text only",
+    "missing": "as configured",
+}
 
 
 def format_results(results: dict) -> str:
@@ -387,12 +404,13 @@ def format_results(results: dict) -> str:
         label = f"personalized, mean of {results['personalized_clients']} clients"
         rows.append([label, *(f"{results['personalized'].get(n, float('nan')):.4f}" for n in names)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     callbacks = ", ".join(results["callbacks"]) or "none"
     return "\n".join(
         [
             "",
-            f"{results['aggregator']} (callbacks: {callbacks}), {results['rounds']} rounds, {results['num_clients']} clients, "
+            f"{results['aggregator']} (callbacks: {callbacks}), {results['rounds']} rounds, "
+            f"{results['num_clients']} clients, "
             f"ranks {results['ranks']}, {results['wall_time_s']:.1f} s",
             line(header),
             "|" + "|".join("-" * (w + 2) for w in widths) + "|",

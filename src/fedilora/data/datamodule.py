@@ -28,7 +28,9 @@ class _Batches(Dataset):
     """Whole batches indexed at once from in-memory tensors (the sampler yields index lists), so a
     batch costs one gather per field rather than a Python collate over samples."""
 
-    def __init__(self, data: MultimodalData, tokens: Tensor, index: Tensor, image_present: Tensor, text_present: Tensor):
+    def __init__(
+        self, data: MultimodalData, tokens: Tensor, index: Tensor, image_present: Tensor, text_present: Tensor
+    ):
         self.data, self.tokens, self.index = data, tokens, index
         self.image_present, self.text_present = image_present, text_present
 
@@ -96,7 +98,8 @@ class FederatedDataModule(L.LightningDataModule):
         rates = [missing_rate] * num_clients if isinstance(missing_rate, (int, float)) else list(missing_rate)
         if len(rates) != num_clients:
             raise ConfigError(
-                f"data.missing_rate: {len(rates)} rates given for {num_clients} clients; give one value or one per client"
+                f"data.missing_rate: {len(rates)} rates given for {num_clients} clients; "
+                "give one value or one per client"
             )
         for name, values in (("missing_rate", rates), ("test_missing_rate", [test_missing_rate])):
             for value in values:
@@ -191,7 +194,7 @@ class FederatedDataModule(L.LightningDataModule):
     def _pooled(self, split: Split, clients: Sequence[int] | None = None) -> _Batches:
         clients = range(self.num_clients) if clients is None else clients
         parts = [self.clients[k][split] for k in clients]
-        index, image_present, text_present = (torch.cat(p) for p in zip(*parts))
+        index, image_present, text_present = (torch.cat(p) for p in zip(*parts, strict=True))
         return _Batches(self.pool, self.pool_tokens, index, image_present, text_present)
 
     # --------------------------------------------- pooled views (centralized training, lightning.Trainer)

@@ -37,7 +37,28 @@ KEYWORDS = [
     ["rain", "snow", "storm"],
     ["guitar", "violin", "drum"],
 ]
-FILLER = ["a", "the", "photo", "of", "some", "with", "near", "seen", "today", "small", "large", "old", "new", "picture", "this", "is", "very", "quite", "and", "there"]
+FILLER = [
+    "a",
+    "the",
+    "photo",
+    "of",
+    "some",
+    "with",
+    "near",
+    "seen",
+    "today",
+    "small",
+    "large",
+    "old",
+    "new",
+    "picture",
+    "this",
+    "is",
+    "very",
+    "quite",
+    "and",
+    "there",
+]
 
 
 class SyntheticBenchmark(MultimodalSource):
