@@ -9,8 +9,10 @@ from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig
-from torch import nn
+from peft.tuners.lora.layer import MultiheadAttention as PeftLoraMHA
+from torch import Tensor, nn
 
 from fedilora.errors import ConfigError
 
@@ -98,6 +100,65 @@ def lora_target_regex(targets: Sequence[str], towers: Sequence[str]) -> str:
     return rf"^({tower_re})\.resblocks\.\d+\.({target_re})$"
 
 
+class FunctionalLoraMHA(PeftLoraMHA):
+    """peft's LoRA for ``nn.MultiheadAttention``, applied out of place.
+
+    peft's own layer (0.21) merges s * B @ A into ``in_proj_weight`` and ``out_proj.weight`` before
+    every forward and subtracts it afterwards. Two problems follow: the float round trip does not
+    restore the frozen weights exactly, so the backbone drifts with every forward (and a client's
+    result depends on which clients the process ran before), and the out_proj delta is added twice
+    (huggingface/peft PR #3774). Here W + s * B @ A is formed out of place and passed to the
+    functional attention; parameters, their names and the state-dict layout stay peft's own.
+    """
+
+    def forward(self, query: Tensor, *args, **kwargs):
+        active = [a for a in self.active_adapters if a in self.lora_A]
+        if self.disable_adapters or self.merged or not active:
+            return super().forward(query, *args, **kwargs)
+        return self._adapted_attention(active, query, *args, **kwargs)
+
+    def _adapted_attention(
+        self,
+        active: list[str],
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ):
+        mha = self.get_base_layer()
+        out_proj = mha.out_proj  # a peft lora.Linear wrapping the original out_proj
+        in_weight = mha.in_proj_weight + sum(self.get_delta_weight(a) for a in active)
+        out_weight = out_proj.get_base_layer().weight + sum(out_proj.get_delta_weight(a) for a in active)
+        if mha.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        output, weights = F.multi_head_attention_forward(
+            query,
+            key,
+            value,
+            mha.embed_dim,
+            mha.num_heads,
+            in_weight,
+            mha.in_proj_bias,
+            mha.bias_k,
+            mha.bias_v,
+            mha.add_zero_attn,
+            mha.dropout,
+            out_weight,
+            out_proj.get_base_layer().bias,
+            training=self.training,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        return (output.transpose(0, 1) if mha.batch_first else output), weights
+
+
 def lora_config(rank: int, target_regex: str, scale: float, alpha: float | None, dropout: float) -> LoraConfig:
     """peft config for one rank.
 
@@ -105,13 +166,15 @@ def lora_config(rank: int, target_regex: str, scale: float, alpha: float | None,
     makes truncating a global adapter to a smaller rank meaningful. A fixed ``alpha`` reproduces the
     paper code (scale alpha/r differs per rank) for ablations.
     """
-    return LoraConfig(
+    config = LoraConfig(
         r=rank,
         lora_alpha=scale * rank if alpha is None else alpha,
         lora_dropout=dropout,
         target_modules=target_regex,
         bias="none",
     )
+    config._register_custom_module({nn.MultiheadAttention: FunctionalLoraMHA})
+    return config
 
 
 def adapter_name(rank: int) -> str:

@@ -7,10 +7,34 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from fedilora import baselines  # noqa: F401  (registers the baseline aggregators by short name)
+from fedilora.aggregation import Aggregator
+from fedilora.callbacks import FederatedCallback
 from fedilora.data.datamodule import FederatedDataModule
+from fedilora.editing import ModelEditing  # noqa: F401  (registers the editing callback by short name)
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer
+
+
+def _subclass_names(base: type) -> list[str]:
+    found, queue = [], list(base.__subclasses__())
+    while queue:
+        cls = queue.pop(0)
+        if not cls.__name__.startswith("LazyInstance_"):  # jsonargparse's lazy defaults
+            found.append(cls.__name__)
+        queue.extend(cls.__subclasses__())
+    return found
+
+
+class _Parser(LightningArgumentParser):
+    """Adds what is allowed to jsonargparse's message for a strategy that does not resolve."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        for key, base in (("trainer.aggregator", Aggregator), ("trainer.callbacks", FederatedCallback)):
+            if f'Parser key "{key}"' in message:
+                message += f"\n  known {key.split('.')[1]}: {', '.join(_subclass_names(base))} (or a class_path)"
+        return super().error(message, ex)
 
 
 class FediLoRACLI(LightningCLI):
@@ -23,6 +47,7 @@ class FediLoRACLI(LightningCLI):
             trainer_class=FederatedTrainer,
             save_config_callback=None,  # the federated trainer writes the config next to its own logs
             auto_configure_optimizers=False,  # the LightningModule configures its own local optimizer
+            parser_class=_Parser,
             parser_kwargs={"prog": "fedilora", "fit": {"default_config_files": []}},
             args=args,
             run=run,
