@@ -140,7 +140,7 @@ def test_lora_deltas_hand_computed() -> None:
 
 def test_flora_aggregate_reinitialises_and_accumulates_merged_delta() -> None:
     global_lora = make_lora(4, 9)
-    agg = FLoRA(scale=2.0)
+    agg = FLoRA().setup(scale=2.0)
     assert FLoRA.merges_into_base
     rounds = [[make_lora(4, 0), make_lora(2, 1)], [make_lora(1, 2), make_lora(4, 3)]]
     total = {prefix: torch.zeros(shape, dtype=torch.float64) for prefix, shape in SHAPES.items()}
@@ -156,7 +156,7 @@ def test_flora_aggregate_reinitialises_and_accumulates_merged_delta() -> None:
     state = agg.state_dict()
     for prefix in SHAPES:
         assert torch.allclose(state[prefix], total[prefix], atol=1e-12)
-    restored = FLoRA(scale=2.0)
+    restored = FLoRA().setup(scale=2.0)
     restored.load_state_dict(state)
     assert all(torch.equal(restored.state_dict()[p], state[p]) for p in SHAPES)
 
@@ -191,7 +191,7 @@ def test_truncated_factors_pad_with_zeros_beyond_available_rank() -> None:
 def test_flexlora_broadcasts_each_client_its_rank() -> None:
     loras = [make_lora(r, seed) for seed, r in enumerate((4, 2, 1))]
     global_lora = {k: torch.zeros_like(v) for k, v in loras[0].items()}
-    agg = FlexLoRA(scale=2.0)
+    agg = FlexLoRA().setup(scale=2.0)
     # before any aggregation: plain truncation
     assert all(torch.equal(agg.broadcast(loras[0], 2)[k], truncate(loras[0], 2)[k]) for k in loras[0])
     counts = (1, 2, 1)
@@ -212,7 +212,7 @@ def test_flexlora_broadcasts_each_client_its_rank() -> None:
 def test_flexlora_exact_when_rank_covers_all_client_ranks() -> None:
     loras = [make_lora(2, 0), make_lora(1, 1)]  # sum r_k = 3 < global rank 4
     global_lora = make_lora(4, 5)
-    agg = FlexLoRA(scale=0.5)
+    agg = FlexLoRA().setup(scale=0.5)
     new = agg.aggregate(global_lora, [update(0, loras[0], 1), update(1, loras[1], 3)])
     target = mixture(loras, [0.25, 0.75], scale=0.5)
     for lora in (new, agg.broadcast(new, 3)):

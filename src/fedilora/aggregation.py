@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,9 +35,10 @@ class ClientUpdate:
     extra: State
     train_loss: float = float("nan")
     metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # what callbacks attach, e.g. the edit report
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.lora.values(), *self.extra.values()))
+        return nbytes(self.lora) + nbytes(self.extra)
 
 
 def rank_axis(key: str) -> int:
@@ -117,14 +119,36 @@ def dimension_wise_average(
     return out
 
 
-class Aggregator:
-    """Base strategy: truncation on broadcast; subclasses define ``aggregate``."""
+def nbytes(state: Mapping[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
-    #: whether ``aggregate`` needs every client to have the same rank
+
+class Aggregator:
+    """Base strategy: truncation on broadcast; subclasses define ``aggregate``.
+
+    Class attributes tell the trainer how the strategy runs: ``requires_equal_ranks``;
+    ``communicates`` (False: clients keep training their own adapter, nothing is averaged);
+    ``pooled`` (True: one model trains on the union of all clients' training data);
+    ``needs_constant_scale`` (the strategy forms products s * B @ A with one scale for all ranks).
+    """
+
     requires_equal_ranks = False
+    communicates = True
+    pooled = False
+    needs_constant_scale = False
+    #: the LoRA scale s = lora_alpha / r of the model; set by the trainer through ``setup``
+    scale = 1.0
+
+    def setup(self, scale: float) -> Aggregator:
+        self.scale = scale
+        return self
 
     def broadcast(self, global_lora: Mapping[str, Tensor], rank: int) -> State:
         return truncate(global_lora, rank)
+
+    def download_nbytes(self, sent: Mapping[str, Tensor]) -> int:
+        """Bytes a client downloads to start a round from ``sent``."""
+        return nbytes(sent)
 
     def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
         raise NotImplementedError

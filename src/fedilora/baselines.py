@@ -16,6 +16,7 @@ from fedilora.aggregation import (
     Aggregator,
     ClientUpdate,
     State,
+    nbytes,
     rank_axis,
     sample_weights,
     stack_padded,
@@ -132,15 +133,21 @@ class FLoRA(Aggregator):
 
     #: the trainer must add ``last_delta`` to the base weights after every ``aggregate``
     merges_into_base = True
+    needs_constant_scale = True
 
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = scale
+    def __init__(self) -> None:
         self.last_delta: State = {}
         self.merged: State = {}
+        self.stacked_nbytes = 0
+
+    def download_nbytes(self, sent: Mapping[str, Tensor]) -> int:
+        # every client downloads the stacked adapter (rank sum_k r_k) to merge it into its own base copy
+        return nbytes(sent) + self.stacked_nbytes
 
     def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
         if updates:
             stacked = stack_loras([u.lora for u in updates], sample_weights(updates))
+            self.stacked_nbytes = nbytes(stacked)
             self.last_delta = lora_deltas(stacked, self.scale)
             for prefix, delta in self.last_delta.items():
                 self.merged[prefix] = self.merged[prefix] + delta if prefix in self.merged else delta.clone()
@@ -213,8 +220,9 @@ def flexlora_svd(client_loras: Sequence[Mapping[str, Tensor]], weights: Tensor, 
 class FlexLoRA(Aggregator):
     """Bai et al. 2024: average the full updates dW, hand each client a truncated SVD at its rank."""
 
-    def __init__(self, scale: float = 1.0) -> None:
-        self.scale = scale
+    needs_constant_scale = True
+
+    def __init__(self) -> None:
         self.svd: dict[str, SVD] = {}
 
     def _factors(self, global_lora: Mapping[str, Tensor], rank: int | None) -> State:
@@ -234,3 +242,31 @@ class FlexLoRA(Aggregator):
             return dict(global_lora)
         self.svd = flexlora_svd([u.lora for u in updates], sample_weights(updates), self.scale)
         return self._factors(global_lora, None)
+
+
+# ------------------------------------------------------------------------------ references: local, centralized
+
+
+class Local(Aggregator):
+    """No federation, the lower reference: every client keeps training its own adapter and head from
+    round to round; nothing is uploaded, averaged or broadcast."""
+
+    communicates = False
+
+    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
+        return dict(global_lora)
+
+
+class Centralized(Aggregator):
+    """All clients' training data pooled into one model of the global rank, the upper reference.
+
+    Each round trains that model for the configured local epochs on the union of the clients' training
+    splits (with their missing-modality masks); there is nothing to communicate.
+    """
+
+    pooled = True
+    communicates = False
+
+    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
+        (update,) = updates
+        return dict(update.lora)

@@ -7,7 +7,8 @@ Subclass and override any hook; the trainer passes its arguments by keyword:
 - ``on_client_fit_start(trainer, round, client_id, rank)``
 - ``on_client_fit_end(trainer, round, update, received)``: ``update`` (a ``ClientUpdate``) may be
   modified in place before it is uploaded; ``received`` is the adapter the client started from.
-- ``on_aggregate_end(trainer, round, global_lora)``
+- ``on_aggregate_end(trainer, round, global_lora, updates)``: ``updates`` are the healthy updates of the
+  round, gathered from every process
 - ``on_round_end(trainer, round, metrics)``: ``metrics`` may be extended before it is logged.
 - ``on_fit_end(trainer, results)``
 """

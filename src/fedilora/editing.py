@@ -96,15 +96,16 @@ class ModelEditing(FederatedCallback):
         self.keys, self.num_edits, self.threshold, self.blend = keys, num_edits, threshold, blend
         self._reports: list[tuple[int, EditReport]] = []
 
-    def on_round_start(self, trainer, round: int) -> None:
-        self._reports = []
-
     def on_client_fit_end(self, trainer, round: int, update, received: Mapping[str, Tensor]) -> None:
         if round < 1:  # round 0 starts from the initialisation: there is no global model to repair towards
             return
         update.lora, report = edit_layers(update.lora, received, self.keys, self.num_edits, self.threshold, self.blend)
+        # kept on the update so that the statistics travel with it to every process
         update.metrics["edits"] = float(len(report.edited))
-        self._reports.append((update.client_id, report))
+        update.info["edit_report"] = report
+
+    def on_aggregate_end(self, trainer, round: int, global_lora, updates) -> None:
+        self._reports = [(u.client_id, u.info["edit_report"]) for u in updates if "edit_report" in u.info]
 
     def on_round_end(self, trainer, round: int, metrics: dict[str, float]) -> None:
         if not self._reports:

@@ -21,11 +21,13 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedilora.aggregation import Aggregator, ClientUpdate, DimensionWise, sample_weights, weighted_average
+from fedilora.aggregation import Aggregator, ClientUpdate, DimensionWise, nbytes, sample_weights, weighted_average
 from fedilora.callbacks import FederatedCallback
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier, State
+
+POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
 
 
 def client_seed(seed: int, round: int, client: int) -> int:
@@ -52,6 +54,8 @@ class FederatedTrainer:
         aggregator: Server strategy, e.g. ``fedilora.aggregation.DimensionWise`` (FediLoRA) or ``FedAvg``.
         callbacks: Federated callbacks, e.g. ``fedilora.editing.ModelEditing`` (FediLoRA's editing).
         eval_every: Evaluate the global and personalized models every this many rounds (and after the last).
+        min_clients_per_round: A round with fewer healthy updates than this is skipped (global model unchanged).
+        max_update_norm: Reject a client update whose L2 distance from what it started from exceeds this.
         seed: Seed of model initialisation, client sampling and every client's local training.
         accelerator: Fabric accelerator: ``cpu``, ``gpu``, ``auto``.
         devices: Fabric devices (processes).
@@ -74,6 +78,8 @@ class FederatedTrainer:
         aggregator: Aggregator = lazy_instance(DimensionWise),
         callbacks: list[FederatedCallback] | None = None,
         eval_every: int = 1,
+        min_clients_per_round: int = 1,
+        max_update_norm: float | None = None,
         seed: int = 0,
         accelerator: str = "cpu",
         devices: int = 1,
@@ -104,6 +110,10 @@ class FederatedTrainer:
             raise ConfigError(f"trainer.clients_per_round: a fraction must be in (0, 1], got {clients_per_round}")
         if isinstance(clients_per_round, int) and clients_per_round < 1:
             raise ConfigError(f"trainer.clients_per_round: must be >= 1, got {clients_per_round}")
+        if min_clients_per_round < 1:
+            raise ConfigError(f"trainer.min_clients_per_round: must be >= 1, got {min_clients_per_round}")
+        if max_update_norm is not None and not max_update_norm > 0:
+            raise ConfigError(f"trainer.max_update_norm: must be > 0 or null, got {max_update_norm}")
         if not isinstance(aggregator, Aggregator):
             raise ConfigError(f"trainer.aggregator: {aggregator!r} is not a fedilora.aggregation.Aggregator")
         self.rounds, self.clients_per_round, self.ranks = rounds, clients_per_round, ranks
@@ -112,6 +122,7 @@ class FederatedTrainer:
         self.aggregator = aggregator
         self.callbacks = list(callbacks or [])
         self.eval_every, self.seed, self.progress = eval_every, seed, progress
+        self.min_clients_per_round, self.max_update_norm = min_clients_per_round, max_update_norm
         self.root_dir, self.name = root_dir, name
         logger = TensorBoardLogger(root_dir=root_dir, name=name)
         self.fabric = Fabric(
@@ -162,10 +173,20 @@ class FederatedTrainer:
                 f"trainer.aggregator: {type(self.aggregator).__name__} needs every client to have the same rank, "
                 f"got trainer.ranks={ranks}"
             )
+        if self.aggregator.needs_constant_scale and model.lora_alpha is not None:
+            raise ConfigError(
+                f"trainer.aggregator: {type(self.aggregator).__name__} multiplies B @ A with one LoRA scale for all "
+                "ranks; set model.lora_alpha: null (constant scale)"
+            )
         if model.num_classes != datamodule.num_classes or model.task != datamodule.task:
             raise ConfigError(
                 f"model.num_classes/task ({model.num_classes}, {model.task}) do not match the data "
                 f"({datamodule.num_classes}, {datamodule.task})"
+            )
+        if self.min_clients_per_round > (1 if self.aggregator.pooled else per_round):
+            raise ConfigError(
+                f"trainer.min_clients_per_round: {self.min_clients_per_round} is more than the {per_round} clients "
+                "sampled per round: every round would be skipped"
             )
         return ranks, per_round, self.global_lora_rank or max(ranks)
 
@@ -180,6 +201,7 @@ class FederatedTrainer:
         model.configure_model()
         model.add_ranks([*ranks, global_rank])
         model.to(fabric.device)
+        self.aggregator.setup(scale=model.lora_scale)
         self.global_lora = model.lora_state(global_rank)
         self.global_extra = model.extra_state()
         self._write_run_files(datamodule)
@@ -190,7 +212,7 @@ class FederatedTrainer:
             total=self.rounds, desc="round", dynamic_ncols=True, disable=not (self.progress and fabric.is_global_zero)
         )
         for round_ in range(self.rounds):
-            metrics = self._run_round(model, datamodule, round_, ranks, per_round)
+            metrics = self._run_round(model, datamodule, round_, ranks, per_round, global_rank)
             if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
                 metrics.update(self.evaluate(model, datamodule, global_rank))
             fabric.call("on_round_end", trainer=self, round=round_, metrics=metrics)
@@ -206,36 +228,115 @@ class FederatedTrainer:
         fabric.logger.finalize("success")
         return results
 
+    def round_plan(self, round_: int, ranks: Sequence[int], per_round: int, global_rank: int) -> list[tuple[int, int]]:
+        """``(client, rank)`` pairs trained in ``round_`` (``POOLED`` stands for the union of all clients)."""
+        if self.aggregator.pooled:
+            return [(POOLED, global_rank)]
+        return [(c, ranks[c]) for c in sample_clients(len(ranks), per_round, self.seed, round_)]
+
+    def _start_state(self, client: int, rank: int) -> tuple[State, State]:
+        if not self.aggregator.communicates and client in self.personal:
+            _, lora, extra = self.personal[client]  # `local`: a client continues from its own model
+            return lora, extra
+        return self.aggregator.broadcast(self.global_lora, rank), self.global_extra
+
     def _run_round(
-        self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, round_: int, ranks: list[int], per_round: int
+        self,
+        model: LoRACLIPClassifier,
+        datamodule: FederatedDataModule,
+        round_: int,
+        ranks: list[int],
+        per_round: int,
+        global_rank: int,
     ) -> dict[str, float]:
-        fabric = self.fabric
+        fabric, aggregator = self.fabric, self.aggregator
         started = time.perf_counter()
         fabric.call("on_round_start", trainer=self, round=round_)
-        sampled = sample_clients(datamodule.num_clients, per_round, self.seed, round_)
-        updates, downloaded = [], 0
-        for client in sampled:
-            received = self.aggregator.broadcast(self.global_lora, ranks[client])
-            downloaded += sum(t.numel() * t.element_size() for t in (*received.values(), *self.global_extra.values()))
-            fabric.call("on_client_fit_start", trainer=self, round=round_, client_id=client, rank=ranks[client])
-            update = self.train_client(model, datamodule, round_, client, ranks[client], received, self.global_extra)
-            fabric.call("on_client_fit_end", trainer=self, round=round_, update=update, received=received)
-            self.personal[client] = (update.rank, update.lora, update.extra)
-            updates.append(update)
-        self.global_lora = self.aggregator.aggregate(self.global_lora, updates)
-        self.global_extra = weighted_average([u.extra for u in updates], sample_weights(updates))
-        fabric.call("on_aggregate_end", trainer=self, round=round_, global_lora=self.global_lora)
+        plan = self.round_plan(round_, ranks, per_round, global_rank)
+        mine = plan[fabric.global_rank :: fabric.world_size]  # each process trains its share of the clients
+        updates, failures = [], []
+        for client, rank in mine:
+            lora, extra = self._start_state(client, rank)
+            fabric.call("on_client_fit_start", trainer=self, round=round_, client_id=client, rank=rank)
+            try:
+                update = self.train_client(model, datamodule, round_, client, rank, lora, extra)
+                fabric.call("on_client_fit_end", trainer=self, round=round_, update=update, received=lora)
+                problem = self._reject_reason(update, lora, extra)
+            except Exception as err:  # a client's failure must not end the federation
+                update, problem = None, f"{type(err).__name__}: {err}"
+            if problem is None:
+                updates.append(update)
+            else:
+                failures.append((client, problem))
+        if fabric.world_size > 1:
+            updates, failures = self._gather(updates, failures, plan)
+        for client, problem in failures:
+            fabric.print(f"warning: round {round_}: client {client} left out of the aggregation ({problem})")
+        downloaded = sum(aggregator.download_nbytes(self._start_state(c, r)[0]) for c, r in plan)
+        downloaded += len(plan) * nbytes(self.global_extra)
+        for update in updates:
+            if update.client_id != POOLED:
+                self.personal[update.client_id] = (update.rank, update.lora, update.extra)
+        skipped = len(updates) < self.min_clients_per_round
+        if skipped:
+            fabric.print(
+                f"warning: round {round_} skipped: {len(updates)} healthy update(s), fewer than "
+                f"trainer.min_clients_per_round={self.min_clients_per_round}; the global model is unchanged"
+            )
+        elif aggregator.communicates or aggregator.pooled:
+            self.global_lora = aggregator.aggregate(self.global_lora, updates)
+            self.global_extra = weighted_average([u.extra for u in updates], sample_weights(updates))
+            if getattr(aggregator, "merges_into_base", False):
+                model.merge_into_base(aggregator.last_delta)
+        fabric.call("on_aggregate_end", trainer=self, round=round_, global_lora=self.global_lora, updates=updates)
+        communicates = aggregator.communicates
         metrics = {f"client/{u.client_id}/train_loss": u.train_loss for u in updates}
         metrics.update(
             {
-                "train/loss": sum(u.train_loss for u in updates) / len(updates),
-                "comm/bytes_uploaded": float(sum(u.nbytes() for u in updates)),
-                "comm/bytes_downloaded": float(downloaded),
+                "train/loss": sum(u.train_loss for u in updates) / len(updates) if updates else math.nan,
+                "comm/bytes_uploaded": float(sum(u.nbytes() for u in updates)) if communicates else 0.0,
+                "comm/bytes_downloaded": float(downloaded) if communicates else 0.0,
                 "round/num_clients": float(len(updates)),
+                "round/rejected_updates": float(len(failures)),
+                "round/skipped": float(skipped),
                 "round/time_s": time.perf_counter() - started,
             }
         )
         return metrics
+
+    def _reject_reason(
+        self, update: ClientUpdate, lora: Mapping[str, Tensor], extra: Mapping[str, Tensor]
+    ) -> str | None:
+        """Why ``update`` must not be aggregated (non-finite values, or too large a change), or None."""
+        squared = torch.zeros((), dtype=torch.float64)
+        for new, old in ((update.lora, lora), (update.extra, extra)):
+            for key, value in new.items():
+                if not torch.isfinite(value).all():
+                    return f"non-finite values in {key}"
+                squared += (value.double() - old[key].double().to(value.device)).square().sum().cpu()
+        norm = float(squared.sqrt())
+        update.metrics["update_norm"] = norm
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            return f"update norm {norm:.4g} exceeds trainer.max_update_norm={self.max_update_norm}"
+        return None
+
+    def _gather(
+        self, updates: list[ClientUpdate], failures: list[tuple[int, str]], plan: list[tuple[int, int]]
+    ) -> tuple[list[ClientUpdate], list[tuple[int, str]]]:
+        """Every process receives every update, in plan order, so all compute the same aggregate."""
+        import torch.distributed as dist
+
+        local = ([_to_cpu(u) for u in updates], failures)
+        gathered: list = [None] * self.fabric.world_size
+        dist.all_gather_object(gathered, local)
+        order = {client: i for i, (client, _) in enumerate(plan)}
+        all_updates = sorted((u for part, _ in gathered for u in part), key=lambda u: order[u.client_id])
+        all_failures = sorted((f for _, part in gathered for f in part), key=lambda f: order[f[0]])
+        device = self.fabric.device
+        for update in all_updates:
+            update.lora = {k: v.to(device) for k, v in update.lora.items()}
+            update.extra = {k: v.to(device) for k, v in update.extra.items()}
+        return all_updates, all_failures
 
     def train_client(
         self,
@@ -252,11 +353,16 @@ class FederatedTrainer:
         model.load_client_state(rank, lora, extra)
         seed = client_seed(self.seed, round_, client)
         torch.manual_seed(seed)  # dropout etc.: the same whichever process trains this client
-        loader = datamodule.client_dataloader(client, "train", torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        if client == POOLED:
+            loader = datamodule.pooled_dataloader("train", generator)
+            num_samples = sum(datamodule.num_train_samples(k) for k in range(datamodule.num_clients))
+        else:
+            loader = datamodule.client_dataloader(client, "train", generator)
+            num_samples = datamodule.num_train_samples(client)
         optimizer = _optimizer(model.configure_optimizers())
         model.train()
-        steps_per_epoch = len(loader)
-        total_steps = self.local_epochs * steps_per_epoch
+        total_steps = self.local_epochs * len(loader)
         if self.max_local_steps is not None:
             total_steps = min(total_steps, self.max_local_steps)
         loss_sum, step = torch.zeros((), device=fabric.device), 0
@@ -273,16 +379,13 @@ class FederatedTrainer:
                 self._show(round_, client, rank, step, total_steps)
                 if step >= total_steps:
                     break
-        train_loss = float(loss_sum) / max(step, 1)  # one sync per client, not per step
-        if not math.isfinite(train_loss):
-            fabric.print(f"warning: client {client} had a non-finite training loss in round {round_}")
         return ClientUpdate(
             client_id=client,
             rank=rank,
-            num_samples=datamodule.num_train_samples(client),
+            num_samples=num_samples,
             lora=model.lora_state(rank),
             extra=model.extra_state(),
-            train_loss=train_loss,
+            train_loss=float(loss_sum) / max(step, 1),  # one device sync per client, not per step
         )
 
     # ------------------------------------------------------------------------- evaluation
@@ -300,25 +403,38 @@ class FederatedTrainer:
     def evaluate(
         self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, global_rank: int
     ) -> dict[str, float]:
-        """Global model on the global test set per modality condition; personalized models on their clients' tests."""
-        metrics = {}
-        model.load_client_state(global_rank, self.global_lora, self.global_extra)
+        """The global model on the global test set, per modality condition, and every client's
+        personalized model on its own test split.
+
+        ``local`` has no global model: its global figures are the mean over the clients' own models.
+        ``centralized`` has no personalized models: the pooled model is evaluated on every client's test.
+        """
+        metrics: dict[str, float] = {}
+        shared = (global_rank, self.global_lora, self.global_extra)
+        communicates = self.aggregator.communicates or self.aggregator.pooled
+        global_models = [shared] if communicates else list(self.personal.values())
         for condition in datamodule.conditions():
-            for name, value in self.evaluate_loader(model, datamodule.global_test_dataloader(condition)).items():
-                metrics[f"global/{condition}/{name}"] = value
+            loader = datamodule.global_test_dataloader(condition)
+            runs = [self._evaluate_state(model, state, loader) for state in global_models]
+            for name in runs[0] if runs else ():
+                metrics[f"global/{condition}/{name}"] = sum(r[name] for r in runs) / len(runs)
+        personal = dict.fromkeys(range(datamodule.num_clients), shared) if self.aggregator.pooled else self.personal
         per_client: dict[str, list[float]] = {}
-        for client, (rank, lora, extra) in sorted(self.personal.items()):
+        for client, state in sorted(personal.items()):
             loader = datamodule.client_dataloader(client, "test")
             if len(loader) == 0:
                 continue
-            model.load_client_state(rank, lora, extra)
-            for name, value in self.evaluate_loader(model, loader).items():
+            for name, value in self._evaluate_state(model, state, loader).items():
                 metrics[f"personalized/client_{client}/{name}"] = value
                 per_client.setdefault(name, []).append(value)
         for name, values in per_client.items():
             metrics[f"personalized/mean/{name}"] = sum(values) / len(values)
             metrics["personalized/num_clients"] = float(len(values))
         return metrics
+
+    def _evaluate_state(self, model: LoRACLIPClassifier, state: tuple[int, State, State], loader) -> dict[str, float]:
+        model.load_client_state(*state)
+        return self.evaluate_loader(model, loader)
 
     # ----------------------------------------------------------------------------- output
     def _show(self, round_: int, client: int, rank: int, step: int, total: int) -> None:
@@ -373,6 +489,12 @@ class FederatedTrainer:
             "wall_time_s": seconds,
             "log_dir": str(self.log_dir),
         }
+
+
+def _to_cpu(update: ClientUpdate) -> ClientUpdate:
+    update.lora = {k: v.cpu() for k, v in update.lora.items()}
+    update.extra = {k: v.cpu() for k, v in update.extra.items()}
+    return update
 
 
 def _optimizer(configured) -> torch.optim.Optimizer:

@@ -1,7 +1,21 @@
 """Datasets, partitioning over clients, missing-modality dropout and the federated datamodule."""
 
+from fedilora.data.benchmarks import HatefulMemes, MMIMDb, UPMCFood101
 from fedilora.data.datamodule import FederatedDataModule
+from fedilora.data.files import FileSource, ImageFiles
+from fedilora.data.generic import MultimodalTable
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.data.synthetic import SyntheticBenchmark
 
-__all__ = ["FederatedDataModule", "MultimodalData", "MultimodalSource", "SyntheticBenchmark"]
+__all__ = [
+    "FederatedDataModule",
+    "FileSource",
+    "HatefulMemes",
+    "ImageFiles",
+    "MMIMDb",
+    "MultimodalData",
+    "MultimodalSource",
+    "MultimodalTable",
+    "SyntheticBenchmark",
+    "UPMCFood101",
+]

@@ -25,8 +25,14 @@ CONDITIONS: tuple[Condition, ...] = ("complete", "image_only", "text_only")
 
 
 class _Batches(Dataset):
-    """Whole batches indexed at once from in-memory tensors (the sampler yields index lists), so a
-    batch costs one gather per field rather than a Python collate over samples."""
+    """Whole batches indexed at once (the sampler yields index lists), so a batch costs one gather
+    per field rather than a Python collate over samples.
+
+    Images held in a tensor are gathered as they are. Images from an ``ImageStore`` (decoded from
+    files) are decoded only for the samples whose image is present: the model never looks at the
+    pixels of a missing image (``zero`` multiplies them by 0, ``learned`` replaces the embedding), so
+    those stay zero and cost no decoding.
+    """
 
     def __init__(
         self, data: MultimodalData, tokens: Tensor, index: Tensor, image_present: Tensor, text_present: Tensor
@@ -40,13 +46,23 @@ class _Batches(Dataset):
     def __getitem__(self, positions: list[int]) -> dict[str, Tensor]:
         positions = torch.as_tensor(positions, dtype=torch.long)
         rows = self.index[positions]
+        image_present = self.image_present[positions]
         return {
-            "image": self.data.images[rows],
+            "image": self._images(rows, image_present),
             "tokens": self.tokens[rows],
             "label": self.data.labels[rows],
-            "image_present": self.image_present[positions],
+            "image_present": image_present,
             "text_present": self.text_present[positions],
         }
+
+    def _images(self, rows: Tensor, present: Tensor) -> Tensor:
+        images = self.data.images
+        if isinstance(images, Tensor) or bool(present.all()):
+            return images[rows]
+        decoded = images[rows[present]]
+        out = decoded.new_zeros((len(rows), *decoded.shape[1:]))
+        out[present] = decoded
+        return out
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -70,6 +86,8 @@ class FederatedDataModule(L.LightningDataModule):
         tokenizer: open_clip model name whose tokenizer encodes the texts (the CLI links it to
             ``model.model_name``).
         seed: Seed of partitioning, splits and missing masks.
+        num_workers: DataLoader worker processes that decode image files in parallel (0: in the main
+            process; the embedded benchmark needs none).
     """
 
     def __init__(
@@ -87,6 +105,7 @@ class FederatedDataModule(L.LightningDataModule):
         eval_batch_size: int = 256,
         tokenizer: str = TINY_MODEL,
         seed: int = 0,
+        num_workers: int = 0,
     ) -> None:
         super().__init__()
         if num_clients < 1:
@@ -109,6 +128,8 @@ class FederatedDataModule(L.LightningDataModule):
             raise ConfigError("data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1")
         if batch_size < 1 or eval_batch_size < 1:
             raise ConfigError("data.batch_size and data.eval_batch_size must be >= 1")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers: must be >= 0, got {num_workers}")
         self.dataset = dataset
         self.num_clients = num_clients
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
@@ -118,6 +139,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.tokenizer, self.seed = tokenizer, seed
+        self.num_workers = num_workers
         self.clients: list[dict[Split, tuple[Tensor, Tensor, Tensor]]] = []
 
     @property
@@ -189,7 +211,12 @@ class FederatedDataModule(L.LightningDataModule):
             batch_size = self.batch_size
         else:
             sampler, batch_size = SequentialSampler(dataset), self.eval_batch_size
-        return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+        return DataLoader(
+            dataset,
+            sampler=BatchSampler(sampler, batch_size, drop_last=False),
+            batch_size=None,
+            num_workers=self.num_workers,
+        )
 
     def _pooled(self, split: Split, clients: Sequence[int] | None = None) -> _Batches:
         clients = range(self.num_clients) if clients is None else clients
@@ -198,8 +225,12 @@ class FederatedDataModule(L.LightningDataModule):
         return _Batches(self.pool, self.pool_tokens, index, image_present, text_present)
 
     # --------------------------------------------- pooled views (centralized training, lightning.Trainer)
+    def pooled_dataloader(self, split: Split, generator: torch.Generator | None = None) -> DataLoader:
+        """The union of every client's ``split`` (with the clients' masks), e.g. for centralized training."""
+        return self._loader(self._pooled(split), split, generator)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._pooled("train"), "train", torch.Generator().manual_seed(self.seed))
+        return self.pooled_dataloader("train", torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._pooled("val"), "val", None)

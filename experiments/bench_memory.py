@@ -1,0 +1,235 @@
+"""Memory of a federated run against the number of clients, and over the rounds of one run.
+
+Each run is a fresh subprocess (so one run's allocations cannot hide in another's peak), running
+``FederatedTrainer.fit`` on ``fedilora-tiny`` with client ranks ``[32, 32, 16, 16, 8, 8, 4, 4, 4, 4]``
+repeated, 10 clients sampled per round and ``max_local_steps`` steps each, on one synthetic dataset
+(20000 training samples, 20 per client at 1000 clients) partitioned over 10, 100 or 1000 clients. Only
+the number of clients differs, so the work per round is the same in every run.
+
+- peak: the child's ``VmHWM`` (peak resident set) from ``/proc/self/status`` at the end of the run;
+  target: 1000 clients <= 1.25 x the peak of 10 clients;
+- growth: ``VmRSS`` after each round's aggregation (a callback at ``on_aggregate_end``: the last
+  round's ``on_round_end`` comes after the final evaluation, which allocates on its own) in the
+  1000-client run, round 2 against round 20; target: no growth (<= 2% or 4 MiB, allocator noise).
+  The child also records the bytes of the personalized states the trainer keeps for every client it
+  has trained (``trainer.personal``), which grow with the number of distinct clients sampled so far.
+
+    .venv/bin/python experiments/bench_memory.py [--repeats 1] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from fedilora.callbacks import FederatedCallback
+from fedilora.data import FederatedDataModule, SyntheticBenchmark
+from fedilora.model import LoRACLIPClassifier
+from fedilora.trainer import FederatedTrainer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RANK_PATTERN = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
+PEAK_TARGET = 1.25
+GROWTH_TOLERANCE = (0.02, 4 * 2**20)  # relative, absolute (bytes): allocator and page-cache noise
+
+
+def proc_status(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def state_bytes(trainer: FederatedTrainer) -> int:
+    return sum(
+        t.numel() * t.element_size()
+        for _, lora, extra in trainer.personal.values()
+        for t in (*lora.values(), *extra.values())
+    )
+
+
+class RssRecorder(FederatedCallback):
+    def __init__(self) -> None:
+        self.rss: list[int] = []
+        self.personal_bytes: list[int] = []
+        self.personal_clients: list[int] = []
+
+    def on_aggregate_end(self, trainer, round, global_lora) -> None:
+        self.rss.append(proc_status("VmRSS"))
+        self.personal_bytes.append(state_bytes(trainer))
+        self.personal_clients.append(len(trainer.personal))
+
+
+def child(cfg: dict) -> None:
+    """One run; prints ``RESULT <json>`` as its last line."""
+    torch.set_num_threads(2)
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    n = cfg["num_clients"]
+    dm = FederatedDataModule(
+        dataset=SyntheticBenchmark(num_train=cfg["num_train"], num_test=cfg["num_test"]),
+        num_clients=n,
+        missing_rate=0.4,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        batch_size=16,
+        seed=0,
+    )
+    recorder = RssRecorder()
+    with tempfile.TemporaryDirectory() as root:
+        trainer = FederatedTrainer(
+            rounds=cfg["rounds"],
+            clients_per_round=10,
+            ranks=[RANK_PATTERN[k % len(RANK_PATTERN)] for k in range(n)],
+            max_local_steps=cfg["steps"],
+            eval_every=10**9,  # one evaluation, after the last round (part of the peak)
+            callbacks=[recorder],
+            seed=0,
+            progress=False,
+            root_dir=root,
+            name="memory",
+        )
+        torch.manual_seed(0)
+        model = LoRACLIPClassifier(num_classes=12)
+        with contextlib.redirect_stdout(io.StringIO()):  # the results table
+            trainer.fit(model, dm)
+    min_train = min(dm.num_train_samples(k) for k in range(n))
+    result = {
+        "num_clients": n,
+        "peak_bytes": proc_status("VmHWM"),
+        "rss_by_round": recorder.rss,
+        "personal_bytes_by_round": recorder.personal_bytes,
+        "personal_clients_by_round": recorder.personal_clients,
+        "min_train_samples": min_train,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_child(cfg: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True, check=False
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"child {cfg} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError, StopIteration):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:8.1f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=1, help="runs per client count (median of the peaks)")
+    parser.add_argument("--quick", action="store_true", help="5000 samples, 2 rounds of 1 step (smoke test)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(json.loads(args.child))
+        return
+    torch.set_num_threads(2)  # the children set it too: they do the work
+
+    if args.quick:
+        base = {"num_train": 5000, "num_test": 200, "rounds": 2, "steps": 1}
+        early, late = 1, 2
+    else:
+        base = {"num_train": 20000, "num_test": 200, "rounds": 20, "steps": 2}
+        early, late = 2, 20
+    # generate (or find) the cached dataset here, so that no child's peak includes the generation
+    SyntheticBenchmark(num_train=base["num_train"], num_test=base["num_test"]).load()
+
+    runs: dict[int, list[dict]] = {}
+    for n in (10, 100, 1000):
+        for _ in range(args.repeats):
+            result = run_child({**base, "num_clients": n})
+            runs.setdefault(n, []).append(result)
+            print(f"{n} clients: peak {result['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+
+    peaks = {n: statistics.median(r["peak_bytes"] for r in rs) for n, rs in runs.items()}
+    peak_ratio = peaks[1000] / peaks[10]
+    peak_met = peak_ratio <= PEAK_TARGET
+    big = runs[1000][0]
+    rss_early, rss_late = big["rss_by_round"][early - 1], big["rss_by_round"][late - 1]
+    growth = rss_late - rss_early
+    personal_growth = big["personal_bytes_by_round"][late - 1] - big["personal_bytes_by_round"][early - 1]
+    allowed = max(GROWTH_TOLERANCE[0] * rss_early, GROWTH_TOLERANCE[1])
+    growth_met = growth <= allowed
+
+    print(
+        f"\nMemory, fedilora-tiny, {base['num_train']} training samples, 10 clients per round x "
+        f"{base['steps']} steps, {base['rounds']} rounds, median of {args.repeats} run(s) per row"
+    )
+    print("| clients | peak RSS (VmHWM) MiB | ratio to 10 clients |")
+    print("|---------|----------------------|---------------------|")
+    for n, peak in peaks.items():
+        print(f"| {n:<7} | {mib(peak):>20} | {peak / peaks[10]:19.3f} |")
+    print(f"1000 clients / 10 clients = {peak_ratio:.3f}; target <= {PEAK_TARGET}: {'met' if peak_met else 'NOT met'}")
+    print(f"\nRSS after aggregation, 1000-client run, round {early} vs round {late}")
+    print("| round | VmRSS MiB | personalized states kept | their tensors MiB |")
+    print("|-------|-----------|--------------------------|-------------------|")
+    for r in (early, late):
+        print(
+            f"| {r:<5} | {mib(big['rss_by_round'][r - 1]):>9} | {big['personal_clients_by_round'][r - 1]:24d} | "
+            f"{mib(big['personal_bytes_by_round'][r - 1]):>17} |"
+        )
+    print(
+        f"growth {growth / 2**20:+.1f} MiB (of which personalized states {personal_growth / 2**20:+.1f} MiB, "
+        f"rest {(growth - personal_growth) / 2**20:+.1f} MiB); target: no growth (<= {allowed / 2**20:.1f} MiB): "
+        f"{'met' if growth_met else 'NOT met'}"
+    )
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"bench_memory{'_quick' if args.quick else ''}.json"
+    payload = {
+        "benchmark": "memory",
+        "machine": machine(),
+        "config": base,
+        "repeats": args.repeats,
+        "runs": {str(n): rs for n, rs in runs.items()},
+        "median_peak_bytes": {str(n): p for n, p in peaks.items()},
+        "peak_ratio_1000_vs_10": peak_ratio,
+        "peak_target": f"<= {PEAK_TARGET}",
+        "peak_met": peak_met,
+        "rss_rounds": [early, late],
+        "rss_growth_bytes": growth,
+        "personal_state_growth_bytes": personal_growth,
+        "growth_allowed_bytes": allowed,
+        "growth_met": growth_met,
+    }
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""What every file-based dataset shares: lazy image files, bad-sample handling, the common options.
+
+Real datasets are never downloaded: a dataset reads the files a user already has. Images stay on disk
+and are decoded when a batch asks for them (``ImageFiles``); texts, labels and paths are read up front
+and checked, so that a malformed file fails before training starts, with one message naming the file,
+the line and what is wrong, or (``on_bad_sample: skip``) is left out and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from fedilora.data.source import MultimodalData, MultimodalSource
+from fedilora.errors import ConfigError
+
+log = logging.getLogger("fedilora.data")
+
+OnBadSample = Literal["error", "skip"]
+CheckImages = Literal["exists", "header", "decode"]
+_CHECK_THREADS = 8
+
+
+def decode_image(path: str | Path, size: int) -> Tensor:
+    """Decode one image file to uint8 ``[3, size, size]``: RGB, shorter side resized to ``size`` (bicubic)
+    and centre-cropped, as CLIP's preprocessing does."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
+            fitted = ImageOps.fit(image.convert("RGB"), (size, size), method=Image.Resampling.BICUBIC)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ConfigError(f"{path}: cannot decode the image ({type(err).__name__}: {err})") from None
+    return torch.from_numpy(np.array(fitted, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def image_problem(path: Path, level: CheckImages) -> str | None:
+    """What is wrong with an image file at check ``level``, or None.
+
+    ``exists``: the file is there; ``header``: PIL recognises it as an image (reads its header only);
+    ``decode``: it decodes completely (reads every pixel, slow for a large dataset).
+    """
+    if not path.is_file():
+        return f"image file {path} does not exist"
+    if level == "exists":
+        return None
+    try:
+        with Image.open(path) as image:
+            if level == "decode":
+                image.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        return f"image file {path} cannot be decoded ({type(err).__name__}: {err})"
+    return None
+
+
+class ImageFiles:
+    """An ``ImageStore`` over image files: ``store[index]`` decodes the images of a LongTensor of sample
+    indices to uint8 ``[B, 3, image_size, image_size]``.
+
+    Nothing is decoded up front, so a large dataset never sits in memory. The last ``cache_size``
+    decoded images are kept (LRU), which spares re-decoding when a client's data or a test set that
+    fits is visited every round; 0 disables the cache.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], image_size: int, cache_size: int = 1024) -> None:
+        self.paths = [str(p) for p in paths]
+        self.image_size = image_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict[int, Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        rows = torch.as_tensor(index, dtype=torch.long).reshape(-1).tolist()
+        out = torch.empty(len(rows), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        for k, row in enumerate(rows):
+            out[k] = self.image(row)
+        return out
+
+    def image(self, row: int) -> Tensor:
+        cached = self._cache.get(row)
+        if cached is not None:
+            self._cache.move_to_end(row)
+            return cached
+        image = decode_image(self.paths[row], self.image_size)
+        if self.cache_size > 0:
+            self._cache[row] = image
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return image
+
+    def __getstate__(self) -> dict:  # dataloader workers start with an empty cache
+        return {**self.__dict__, "_cache": OrderedDict()}
+
+
+@dataclass
+class Record:
+    """One sample read from a dataset's files: ``where`` (file and line) names it in messages."""
+
+    where: str
+    image: Path
+    text: str
+    label: int | list[int]
+
+
+class BadSamples:
+    """Collects the problems of one split: raises at the first (``error``) or counts them (``skip``)."""
+
+    def __init__(self, dataset: str, split: str, policy: OnBadSample) -> None:
+        self.dataset, self.split, self.policy = dataset, split, policy
+        self.count = 0
+        self.examples: list[str] = []
+
+    def __call__(self, where: str, problem: str) -> None:
+        if self.policy == "error":
+            raise ConfigError(
+                f"{where}: {problem} (data.dataset.on_bad_sample is 'error'; set it to 'skip' to leave such "
+                "samples out)"
+            )
+        self.count += 1
+        if len(self.examples) < 3:
+            self.examples.append(f"{where}: {problem}")
+
+    def report(self, kept: int) -> None:
+        if self.count:
+            log.warning(
+                "%s %s: skipped %d bad sample(s), kept %d (on_bad_sample: skip); e.g. %s",
+                self.dataset,
+                self.split,
+                self.count,
+                kept,
+                "; ".join(self.examples),
+            )
+
+
+def text_problem(text: object) -> str | None:
+    if text is None or not isinstance(text, str):
+        return f"text is {type(text).__name__}, not a string" if text is not None else "empty text"
+    return "empty text" if not text.strip() else None
+
+
+class FileSource(MultimodalSource):
+    """Base of the datasets read from local files (see the subclasses for their layouts).
+
+    Args:
+        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
+            on access). The model resizes again if its own input size differs.
+        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
+            naming the file, the line and the problem. ``skip``: such samples are left out and the
+            number skipped per split is logged (and kept in ``skipped``).
+        check_images: How images are checked when the dataset is loaded: ``exists`` (the file is
+            there), ``header`` (PIL recognises the file; default) or ``decode`` (every image decodes;
+            slow on large datasets). An image that fails later, while training, stops the run with
+            its path.
+        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
+        max_samples: If set, keep a random subset of at most this many samples per split (seeded by
+            ``seed``), for quick runs on a large dataset.
+        seed: Seed of ``max_samples`` subsets (and of held-out splits where a dataset makes them).
+    """
+
+    name = "dataset"
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        on_bad_sample: OnBadSample = "error",
+        check_images: CheckImages = "header",
+        cache_size: int = 1024,
+        max_samples: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if image_size < 8:
+            raise ConfigError(f"data.dataset.image_size: must be >= 8, got {image_size}")
+        if on_bad_sample not in ("error", "skip"):
+            raise ConfigError(f"data.dataset.on_bad_sample: unknown {on_bad_sample!r}; allowed: error, skip")
+        if check_images not in ("exists", "header", "decode"):
+            raise ConfigError(f"data.dataset.check_images: unknown {check_images!r}; allowed: exists, header, decode")
+        if cache_size < 0:
+            raise ConfigError(f"data.dataset.cache_size: must be >= 0, got {cache_size}")
+        if max_samples is not None and max_samples < 1:
+            raise ConfigError(f"data.dataset.max_samples: must be >= 1 or null, got {max_samples}")
+        self.image_size = image_size
+        self.on_bad_sample: OnBadSample = on_bad_sample
+        self.check_images: CheckImages = check_images
+        self.cache_size = cache_size
+        self.max_samples = max_samples
+        self.seed = seed
+        self.skipped: dict[str, int] = {}
+
+    # ------------------------------------------------------------------------------ helpers
+    @staticmethod
+    def existing_dir(path: str | Path, option: str, what: str) -> Path:
+        path = Path(path).expanduser()
+        if not path.is_dir():
+            raise ConfigError(
+                f"{option}: {path} does not exist or is not a directory; point it at your local copy of {what} "
+                "(fedilora never downloads data)"
+            )
+        return path
+
+    @staticmethod
+    def existing_file(path: Path, what: str) -> Path:
+        if not path.is_file():
+            raise ConfigError(f"{path}: missing {what}")
+        return path
+
+    def bad_samples(self, split: str) -> BadSamples:
+        return BadSamples(self.name, split, self.on_bad_sample)
+
+    def subset(self, records: list[Record], split: str) -> list[Record]:
+        if self.max_samples is None or len(records) <= self.max_samples:
+            return records
+        keep = sorted(random.Random(f"{self.seed}:{split}").sample(range(len(records)), self.max_samples))
+        return [records[i] for i in keep]
+
+    def checked(self, records: list[Record], split: str, bad: BadSamples) -> list[Record]:
+        """Subset ``records`` (``max_samples``), check their images, report the split's skips."""
+        records = self.subset(records, split)
+        with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+            problems = list(pool.map(lambda r: image_problem(r.image, self.check_images), records))
+        kept = []
+        for record, problem in zip(records, problems, strict=True):
+            if problem is None:
+                kept.append(record)
+            else:
+                bad(record.where, problem)
+        bad.report(len(kept))
+        self.skipped[split] = bad.count
+        return kept
+
+    def to_data(self, records: list[Record], split: str) -> MultimodalData:
+        """The split's ``MultimodalData``: labels are class ids, or multi-hot rows for a multi-label task."""
+        if not records:
+            raise ConfigError(f"{self.name} {split}: no usable sample (skipped: {self.skipped})")
+        if self.task == "multilabel":
+            labels = torch.zeros(len(records), self.num_classes, dtype=torch.long)
+            for i, record in enumerate(records):
+                labels[i, record.label] = 1
+        else:
+            labels = torch.tensor([r.label for r in records], dtype=torch.long)
+        images = ImageFiles([r.image for r in records], self.image_size, self.cache_size)
+        return MultimodalData(images, [r.text for r in records], labels)

@@ -1,0 +1,218 @@
+"""Every kind of bad input gives one clear error naming the file and line (or option), or a counted skip."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+
+from fedilora.data import HatefulMemes, MMIMDb, MultimodalTable, UPMCFood101
+from fedilora.errors import ConfigError
+from test_datasets_fixtures import make_food101, make_hateful_memes, make_mmimdb, make_table, table
+
+
+def _append_line(path, line):
+    path.write_text(path.read_text() + line + "\n")
+
+
+def _replace_line(path, number, line):
+    lines = path.read_text().splitlines()
+    lines[number - 1] = line
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------------ missing paths
+def test_a_root_that_does_not_exist(tmp_path):
+    for cls in (UPMCFood101, MMIMDb, HatefulMemes):
+        with pytest.raises(ConfigError, match=r"data\.dataset\.root: .*nowhere does not exist.*never downloads"):
+            cls(str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match=r"data\.dataset\.path: .*nowhere\.csv does not exist"):
+        table(tmp_path / "nowhere.csv")
+
+
+@pytest.mark.parametrize(
+    ("build", "cls", "remove", "message"),
+    [
+        (make_food101, UPMCFood101, "texts/test_titles.csv", r"test_titles\.csv: missing split file"),
+        (make_food101, UPMCFood101, "images/train", r"images/train: missing split directory"),
+        (make_mmimdb, MMIMDb, "split.json", r"split\.json: missing split file split\.json"),
+        (make_hateful_memes, HatefulMemes, "test_seen.jsonl", r"test_seen\.jsonl: missing split file"),
+    ],
+)
+def test_a_missing_split_file(tmp_path, build, cls, remove, message):
+    root = build(tmp_path / "data")
+    target = root / remove
+    if target.is_dir():
+        for child in sorted(target.rglob("*"), reverse=True):
+            child.unlink() if child.is_file() else child.rmdir()
+        target.rmdir()
+    else:
+        target.unlink()
+    with pytest.raises(ConfigError, match=message):
+        cls(str(root), image_size=32).load()
+
+
+def test_mmimdb_split_file_without_a_split(tmp_path):
+    root = make_mmimdb(tmp_path / "mmimdb")
+    (root / "split.json").write_text(json.dumps({"train": ["0000001"], "test": ["0000002"]}))
+    with pytest.raises(ConfigError, match=r"split\.json: no 'dev' list of ids"):
+        MMIMDb(str(root), image_size=32).load()
+    assert len(MMIMDb(str(root), image_size=32, include_dev=False).load()[0]) == 1
+
+
+# ---------------------------------------------------------------------------- per-sample problems
+def _food_row(line):
+    def corrupt(root):
+        _replace_line(root / "texts" / "train_titles.csv", 3, line)
+
+    return corrupt
+
+
+def _food_image(kind):
+    def corrupt(root):
+        path = root / "images" / "train" / "apple_pie" / "apple_pie_train_2.jpg"
+        if kind == "missing":
+            path.unlink()
+        else:
+            path.write_bytes(b"this is not a jpeg")
+
+    return corrupt
+
+
+def _mmimdb_json(root):
+    (root / "dataset" / "0000002.json").write_text('{"plot": ["Two friends"], "genres": ["Comedy"')
+
+
+def _mmimdb_empty_plot(root):
+    (root / "dataset" / "0000002.json").write_text(json.dumps({"plot": [""], "genres": ["Comedy"]}))
+
+
+def _mmimdb_missing_item(root):
+    (root / "dataset" / "0000002.json").unlink()
+
+
+def _memes_line(line):
+    def corrupt(root):
+        _replace_line(root / "train.jsonl", 2, line)
+
+    return corrupt
+
+
+def _memes_image(root):
+    (root / "img" / "10002.png").write_bytes(b"\x89PNG broken")
+
+
+FOOD_LINE = r"train_titles\.csv line 3: "
+MEMES_LINE = r"train\.jsonl line 2: "
+CASES = {
+    # name: (builder, dataset class, corruption, expected message, split that loses one sample)
+    "csv row with the wrong number of columns": (
+        make_food101, UPMCFood101, _food_row("apple_pie_train_2.jpg,only two columns"),
+        FOOD_LINE + r"expected 3 columns \(image file name, text, class\), got 2", "train"),
+    "label not in the class list": (
+        make_food101, UPMCFood101, _food_row("apple_pie_train_2.jpg,some pizza,pizza"),
+        FOOD_LINE + r"class 'pizza' is not one of the 3 classes", "train"),
+    "empty text": (
+        make_food101, UPMCFood101, _food_row('apple_pie_train_2.jpg,"  ",apple_pie'), FOOD_LINE + "empty text",
+        "train"),
+    "missing image file": (
+        make_food101, UPMCFood101, _food_image("missing"),
+        FOOD_LINE + r"image file .*apple_pie_train_2\.jpg does not exist", "train"),
+    "image that cannot be decoded": (
+        make_food101, UPMCFood101, _food_image("garbage"),
+        FOOD_LINE + r"image file .*apple_pie_train_2\.jpg cannot be decoded", "train"),
+    "json file that does not parse": (
+        make_mmimdb, MMIMDb, _mmimdb_json, r"dataset/0000002\.json: not valid JSON \(Expecting", "train"),
+    "mmimdb empty plot": (
+        make_mmimdb, MMIMDb, _mmimdb_empty_plot, r"dataset/0000002\.json: empty text \('plot'\)", "train"),
+    "mmimdb id without metadata": (
+        make_mmimdb, MMIMDb, _mmimdb_missing_item,
+        r"split\.json 'train' entry 1: metadata file .*0000002\.json does not exist", "train"),
+    "jsonl line that does not parse": (
+        make_hateful_memes, HatefulMemes, _memes_line('{"id": 10002, "img": "img/10002.png", "label": 1,'),
+        MEMES_LINE + "not valid JSON", "train"),
+    "memes label out of range": (
+        make_hateful_memes, HatefulMemes,
+        _memes_line('{"id": 10002, "img": "img/10002.png", "label": 2, "text": "x"}'),
+        MEMES_LINE + "label 2 is not 0 or 1", "train"),
+    "memes empty text": (
+        make_hateful_memes, HatefulMemes, _memes_line('{"id": 10002, "img": "img/10002.png", "label": 1, "text": ""}'),
+        MEMES_LINE + "empty text", "train"),
+    "memes image that cannot be decoded": (
+        make_hateful_memes, HatefulMemes, _memes_image, MEMES_LINE + r"image file .*10002\.png cannot be decoded",
+        "train"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_sample_is_one_clear_error(tmp_path, case):
+    build, cls, corrupt, message, _ = CASES[case]
+    root = build(tmp_path / "data")
+    corrupt(root)
+    with pytest.raises(ConfigError, match=message) as error:
+        cls(str(root), image_size=32).load()
+    assert "on_bad_sample" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_sample_is_a_counted_skip(tmp_path, case, caplog):
+    build, cls, corrupt, message, split = CASES[case]
+    root = build(tmp_path / "data")
+    clean = cls(str(root), image_size=32).load()
+    corrupt(root)
+    dataset = cls(str(root), image_size=32, on_bad_sample="skip")
+    with caplog.at_level(logging.WARNING, logger="fedilora.data"):
+        pool, test = dataset.load()
+    assert dataset.skipped[split] == 1
+    assert sum(dataset.skipped.values()) == 1
+    assert len(pool) == len(clean[0]) - 1 and len(test) == len(clean[1])
+    logged = [r.getMessage() for r in caplog.records if r.name == "fedilora.data"]
+    assert len(logged) == 1 and f"{cls.name} {split}: skipped 1 bad sample(s)" in logged[0]
+    assert re.search(message, logged[0])
+
+
+def test_a_second_bad_split_is_counted_apart(tmp_path):
+    root = make_food101(tmp_path / "food")
+    _replace_line(root / "texts" / "train_titles.csv", 1, "a.jpg,x,nope")
+    _replace_line(root / "texts" / "train_titles.csv", 2, "b.jpg,x")
+    _replace_line(root / "texts" / "test_titles.csv", 1, "c.jpg,,apple_pie")
+    dataset = UPMCFood101(str(root), image_size=32, on_bad_sample="skip")
+    pool, test = dataset.load()
+    assert dataset.skipped == {"train": 2, "test": 1}
+    assert (len(pool), len(test)) == (10, 5)
+
+
+# --------------------------------------------------------------------------------- generic table
+@pytest.mark.parametrize(
+    ("kind", "corrupt", "kwargs", "message"),
+    [
+        ("csv", lambda p: _append_line(p, "pics/000.png,too,many,columns"), {},
+         r"data\.csv line 14: expected 3 columns \(as the header row\), got 4"),
+        ("csv", lambda p: _append_line(p, "pics/000.png,a caption,lion"), {"classes": ["bird", "cat", "dog"]},
+         r"data\.csv line 14: label 'lion' is not one of the classes"),
+        ("csv", lambda p: _append_line(p, 'pics/000.png," ",cat'), {}, r"data\.csv line 14: empty text"),
+        ("csv", lambda p: _append_line(p, "pics/999.png,a caption,cat"), {},
+         r"data\.csv line 14: image file .*999\.png does not exist"),
+        ("jsonl", lambda p: _append_line(p, '{"file": "pics/000.png", "caption": '), {},
+         r"data\.jsonl line 13: not valid JSON"),
+        ("jsonl", lambda p: _append_line(p, '{"file": "pics/000.png", "caption": "x"}'), {},
+         r"data\.jsonl line 13: no 'tags' field"),
+    ],
+)  # fmt: skip
+def test_table_bad_rows(tmp_path, kind, corrupt, kwargs, message):
+    path = make_table(tmp_path, kind)
+    corrupt(path)
+    with pytest.raises(ConfigError, match=message):
+        table(path, test_path=str(path), **kwargs).load()
+    dataset = table(path, test_path=str(path), on_bad_sample="skip", **kwargs)
+    pool, test = dataset.load()
+    assert dataset.skipped == {"train": 1, "test": 1} and len(pool) == len(test) == 12
+
+
+def test_table_header_must_name_the_columns(tmp_path):
+    path = make_table(tmp_path)
+    dataset = MultimodalTable(str(path), image_column="file", text_column="caption")  # no "label" column
+    with pytest.raises(ConfigError, match=r"data\.csv line 1: no column 'label' in the header row"):
+        dataset.load()
