@@ -1,0 +1,46 @@
+"""Run a small federated fit on ``devices`` CPU processes and save what rank 0 ends with.
+
+Fabric's ``ddp`` launcher starts the other processes by re-running this script, so the equality test
+runs it in a subprocess: ``python tests/ddp_run.py DEVICES OUT_DIR``.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from fedilora.editing import ModelEditing
+from fedilora.model import LoRACLIPClassifier
+from fedilora.trainer import FederatedTrainer
+from helpers import tiny_datamodule
+
+
+def main(devices: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    trainer = FederatedTrainer(
+        rounds=2,
+        clients_per_round=3,
+        ranks=[4, 2, 2, 1],
+        max_local_steps=3,
+        callbacks=[ModelEditing()],
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        root_dir=str(out / "runs"),
+        progress=False,
+    )
+    trainer.fit(LoRACLIPClassifier(num_classes=12), tiny_datamodule(num_clients=4))
+    if trainer.fabric.is_global_zero:
+        tensors = {f"global.{k}": v for k, v in {**trainer.global_lora, **trainer.global_extra}.items()}
+        for client, (_, lora, extra) in trainer.personal.items():
+            tensors.update({f"client{client}.{k}": v for k, v in {**lora, **extra}.items()})
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(out / "state.safetensors"))
+        history = [{k: v for k, v in h.items() if k != "round/time_s"} for h in trainer.history]
+        (out / "history.json").write_text(json.dumps(history))
+        (out / "world_size.txt").write_text(str(trainer.fabric.world_size))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), Path(sys.argv[2]))
