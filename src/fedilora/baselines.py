@@ -156,11 +156,12 @@ class FLoRA(Aggregator):
         return {k: torch.zeros_like(v) if rank_axis(k) == 1 else v.clone() for k, v in global_lora.items()}
 
     def state_dict(self) -> State:
-        """The sum of all deltas merged so far, ``{prefix: dW}``."""
-        return {k: v.clone() for k, v in self.merged.items()}
+        """The sum of all deltas merged so far, ``{prefix: dW}``, and the size of the last stacked adapter."""
+        return {**{k: v.clone() for k, v in self.merged.items()}, "stacked_nbytes": torch.tensor(self.stacked_nbytes)}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
-        self.merged = {k: v.clone() for k, v in state.items()}
+        self.stacked_nbytes = int(state.get("stacked_nbytes", 0))
+        self.merged = {k: v.clone() for k, v in state.items() if k != "stacked_nbytes"}
 
 
 # -------------------------------------------------------------------------------------------- FlexLoRA
@@ -236,6 +237,13 @@ class FlexLoRA(Aggregator):
 
     def broadcast(self, global_lora: Mapping[str, Tensor], rank: int) -> State:
         return self._factors(global_lora, rank) if self.svd else truncate(global_lora, rank)
+
+    def state_dict(self) -> State:
+        return {f"{prefix}.{part}": t for prefix, usv in self.svd.items() for part, t in zip("USV", usv, strict=True)}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        prefixes = {key.rsplit(".", 1)[0] for key in state}
+        self.svd = {p: (state[f"{p}.U"], state[f"{p}.S"], state[f"{p}.V"]) for p in sorted(prefixes)}
 
     def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
         if not updates:

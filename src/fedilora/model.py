@@ -236,17 +236,25 @@ class LoRACLIPClassifier(L.LightningModule):
         self.load_lora_state(lora, rank)
         self.load_extra_state(extra)
 
+    def base_weight(self, module: str) -> Tensor:
+        """The frozen base weight of a LoRA-adapted module (``in_proj_weight`` for attention)."""
+        base = self.clip.get_submodule(module).get_base_layer()
+        return base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
+
     @torch.no_grad()
     def merge_into_base(self, deltas: Mapping[str, Tensor]) -> None:
         """Add dW (keyed by module, e.g. ``visual.transformer.resblocks.0.mlp.c_fc``) to that module's
         frozen base weight; FLoRA merges every round's aggregate this way."""
-        clip = self.clip
-        for prefix, delta in deltas.items():
-            base = clip.get_submodule(prefix).get_base_layer()
-            weight = base.in_proj_weight if isinstance(base, nn.MultiheadAttention) else base.weight
+        for module, delta in deltas.items():
+            weight = self.base_weight(module)
             if weight.shape != delta.shape:
-                raise ValueError(f"{prefix}: delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
+                raise ValueError(f"{module}: delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
             weight.add_(delta.to(weight))
+
+    @torch.no_grad()
+    def load_base_weights(self, weights: Mapping[str, Tensor]) -> None:
+        for module, value in weights.items():
+            self.base_weight(module).copy_(value)
 
     # ------------------------------------------------------------------------------- forward
     def preprocess(self, images: Tensor) -> Tensor:

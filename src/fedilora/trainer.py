@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,9 +26,22 @@ from tqdm.auto import tqdm
 
 from fedilora.aggregation import Aggregator, ClientUpdate, DimensionWise, nbytes, sample_weights, weighted_average
 from fedilora.callbacks import FederatedCallback
+from fedilora.checkpoint import (
+    checkpoint_path,
+    find_last,
+    fingerprint_mismatch,
+    load_checkpoint,
+    prune,
+    save_checkpoint,
+)
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier, State
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C seen between two optimizer steps (a BaseException: client fault handling must not catch it)."""
+
 
 POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
 
@@ -56,6 +72,8 @@ class FederatedTrainer:
         eval_every: Evaluate the global and personalized models every this many rounds (and after the last).
         min_clients_per_round: A round with fewer healthy updates than this is skipped (global model unchanged).
         max_update_norm: Reject a client update whose L2 distance from what it started from exceeds this.
+        checkpoint_every: Write a checkpoint every this many rounds (and after the last; null: only then).
+        keep_last: How many checkpoints of the run to keep.
         seed: Seed of model initialisation, client sampling and every client's local training.
         accelerator: Fabric accelerator: ``cpu``, ``gpu``, ``auto``.
         devices: Fabric devices (processes).
@@ -80,6 +98,8 @@ class FederatedTrainer:
         eval_every: int = 1,
         min_clients_per_round: int = 1,
         max_update_norm: float | None = None,
+        checkpoint_every: int | None = 5,
+        keep_last: int = 2,
         seed: int = 0,
         accelerator: str = "cpu",
         devices: int = 1,
@@ -114,6 +134,10 @@ class FederatedTrainer:
             raise ConfigError(f"trainer.min_clients_per_round: must be >= 1, got {min_clients_per_round}")
         if max_update_norm is not None and not max_update_norm > 0:
             raise ConfigError(f"trainer.max_update_norm: must be > 0 or null, got {max_update_norm}")
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ConfigError(f"trainer.checkpoint_every: must be >= 1 or null, got {checkpoint_every}")
+        if keep_last < 1:
+            raise ConfigError(f"trainer.keep_last: must be >= 1, got {keep_last}")
         if not isinstance(aggregator, Aggregator):
             raise ConfigError(f"trainer.aggregator: {aggregator!r} is not a fedilora.aggregation.Aggregator")
         self.rounds, self.clients_per_round, self.ranks = rounds, clients_per_round, ranks
@@ -123,6 +147,8 @@ class FederatedTrainer:
         self.callbacks = list(callbacks or [])
         self.eval_every, self.seed, self.progress = eval_every, seed, progress
         self.min_clients_per_round, self.max_update_norm = min_clients_per_round, max_update_norm
+        self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
+        self._interrupted = False
         self.root_dir, self.name = root_dir, name
         logger = TensorBoardLogger(root_dir=root_dir, name=name)
         self.fabric = Fabric(
@@ -191,8 +217,12 @@ class FederatedTrainer:
         return ranks, per_round, self.global_lora_rank or max(ranks)
 
     # --------------------------------------------------------------------------------- fit
-    def fit(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict:
-        """Run every round and return the final results (also written to ``results.json``)."""
+    def fit(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict:
+        """Run every round and return the final results (also written to ``results.json``).
+
+        Args:
+            ckpt_path: Resume from this checkpoint, or ``last`` for the newest one of ``root_dir/name``.
+        """
         fabric = self.fabric
         ranks, per_round, global_rank = self._check(model, datamodule)
         fabric.launch()
@@ -204,21 +234,40 @@ class FederatedTrainer:
         self.aggregator.setup(scale=model.lora_scale)
         self.global_lora = model.lora_state(global_rank)
         self.global_extra = model.extra_state()
+        self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
+        start_round = 0
+        if ckpt_path is not None:
+            start_round = self._restore(model, ckpt_path)
         self._write_run_files(datamodule)
         fabric.call("on_fit_start", trainer=self)
 
         start = time.perf_counter()
         self._bar = tqdm(
-            total=self.rounds, desc="round", dynamic_ncols=True, disable=not (self.progress and fabric.is_global_zero)
+            total=self.rounds,
+            initial=start_round,
+            desc="round",
+            dynamic_ncols=True,
+            disable=not (self.progress and fabric.is_global_zero),
         )
-        for round_ in range(self.rounds):
-            metrics = self._run_round(model, datamodule, round_, ranks, per_round, global_rank)
-            if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
-                metrics.update(self.evaluate(model, datamodule, global_rank))
-            fabric.call("on_round_end", trainer=self, round=round_, metrics=metrics)
-            fabric.log_dict(metrics, step=round_)
-            self.history.append({"round": round_, **metrics})
-            self._bar.update(1)
+        self._snapshot = self._state(model, start_round) if start_round else None
+        with self._sigint_stops_at_a_safe_point():
+            try:
+                for round_ in range(start_round, self.rounds):
+                    metrics = self._run_round(model, datamodule, round_, ranks, per_round, global_rank)
+                    if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
+                        metrics.update(self.evaluate(model, datamodule, global_rank))
+                    fabric.call("on_round_end", trainer=self, round=round_, metrics=metrics)
+                    fabric.log_dict(metrics, step=round_)
+                    self.history.append({"round": round_, **metrics})
+                    self._snapshot = self._state(model, round_ + 1)
+                    if round_ + 1 == self.rounds or (
+                        self.checkpoint_every and (round_ + 1) % self.checkpoint_every == 0
+                    ):
+                        self.save_checkpoint(self._snapshot)
+                    self._bar.update(1)
+            except (KeyboardInterrupt, _Interrupted):
+                self._bar.close()
+                self._stop_with_checkpoint()
         self._bar.close()
         results = self._results(datamodule, ranks, time.perf_counter() - start)
         fabric.call("on_fit_end", trainer=self, results=results)
@@ -227,6 +276,105 @@ class FederatedTrainer:
             fabric.print(format_results(results))
         fabric.logger.finalize("success")
         return results
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _make_fingerprint(self, model, datamodule, ranks: list[int], global_rank: int) -> dict:
+        """What a checkpoint must agree on with the config resuming from it."""
+        return {
+            "ranks": ranks,
+            "global_lora_rank": global_rank,
+            "num_clients": datamodule.num_clients,
+            "model_name": model.model_name,
+            "aggregator": type(self.aggregator).__name__,
+            "lora": {k: list(v.shape) for k, v in self.global_lora.items()},
+            "extra": {k: list(v.shape) for k, v in self.global_extra.items()},
+        }
+
+    def _state(self, model: LoRACLIPClassifier, completed_rounds: int) -> dict:
+        """Everything needed to continue after ``completed_rounds`` rounds (references, not copies:
+        the round loop replaces these tensors rather than changing them in place)."""
+        aggregator = self.aggregator
+        merged = getattr(aggregator, "merged", {}) if getattr(aggregator, "merges_into_base", False) else {}
+        return {
+            "completed_rounds": completed_rounds,
+            "global_lora": self.global_lora,
+            "global_extra": self.global_extra,
+            "personal": {str(c): {"rank": r, "lora": lo, "extra": ex} for c, (r, lo, ex) in self.personal.items()},
+            "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else {},
+            "base_weights": {m: model.base_weight(m).detach().clone() for m in merged},
+            "history": list(self.history),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+            "fingerprint": self._fingerprint,
+            "config": self.config_yaml or "",
+        }
+
+    def save_checkpoint(self, state: dict) -> Path:
+        path = checkpoint_path(self.log_dir, state["completed_rounds"])
+        try:
+            save_checkpoint(self.fabric, path, state)
+        except OSError as err:
+            raise ConfigError(f"trainer.root_dir: cannot write checkpoint {path} ({err.strerror})") from None
+        if self.fabric.is_global_zero:
+            prune(path.parent, self.keep_last)
+        return path
+
+    def _restore(self, model: LoRACLIPClassifier, ckpt_path: str) -> int:
+        path = find_last(self.root_dir, self.name) if ckpt_path == "last" else Path(ckpt_path)
+        state = load_checkpoint(self.fabric, path)
+        problem = fingerprint_mismatch(state["fingerprint"], self._fingerprint)
+        if problem is not None:
+            raise ConfigError(f"--ckpt_path: {path} was written by a different configuration ({problem})")
+        device = self.fabric.device
+        self.global_lora = {k: v.to(device) for k, v in state["global_lora"].items()}
+        self.global_extra = {k: v.to(device) for k, v in state["global_extra"].items()}
+        self.personal = {
+            int(c): (p["rank"], {k: v.to(device) for k, v in p["lora"].items()}, {k: v.to(device) for k, v in
+                     p["extra"].items()})
+            for c, p in state["personal"].items()
+        }  # fmt: skip
+        if hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(state["aggregator"])
+        model.load_base_weights(state["base_weights"])
+        self.history = list(state["history"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        self.fabric.print(f"resumed from {path} after {state['completed_rounds']} round(s)")
+        return state["completed_rounds"]
+
+    def _stop_with_checkpoint(self) -> None:
+        """Ctrl-C: keep the last completed round and say how to go on."""
+        if self._snapshot is None:
+            self.fabric.print("interrupted before the first round completed; nothing to save")
+            raise KeyboardInterrupt
+        path = self.save_checkpoint(self._snapshot)
+        self.fabric.print(
+            f"interrupted: saved round {self._snapshot['completed_rounds']} to {path}\n"
+            f"resume with the same command plus --ckpt_path {path} (or --ckpt_path last)"
+        )
+        raise KeyboardInterrupt
+
+    def _sigint_stops_at_a_safe_point(self):
+        """Ctrl-C sets a flag that the loop checks between optimizer steps; a second Ctrl-C stops at once."""
+        trainer = self
+
+        class _Handler:
+            def __enter__(self):
+                self.previous = None
+                if threading.current_thread() is threading.main_thread():
+                    self.previous = signal.signal(signal.SIGINT, self.handle)
+                return self
+
+            def handle(self, signum, frame):
+                if trainer._interrupted:
+                    raise KeyboardInterrupt
+                trainer._interrupted = True
+
+            def __exit__(self, *exc):
+                if self.previous is not None:
+                    signal.signal(signal.SIGINT, self.previous)
+                trainer._interrupted = False
+
+        return _Handler()
 
     def round_plan(self, round_: int, ranks: Sequence[int], per_round: int, global_rank: int) -> list[tuple[int, int]]:
         """``(client, rank)`` pairs trained in ``round_`` (``POOLED`` stands for the union of all clients)."""
@@ -376,6 +524,8 @@ class FederatedTrainer:
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
                 step += 1
+                if self._interrupted:
+                    raise _Interrupted
                 self._show(round_, client, rank, step, total_steps)
                 if step >= total_steps:
                     break

@@ -1,0 +1,165 @@
+"""Compare methods over seeds in one setting: a Markdown/CSV table and plots.
+
+Every method is its config under ``configs/`` run through the same ``fedilora fit`` (same trainer,
+data, model and evaluation); only the seeds (``trainer.seed`` and ``data.seed``: initialisation,
+client sampling, partition, missing masks) and, for the sweep, ``data.missing_rate`` change.
+
+    .venv/bin/python experiments/compare.py                 # the README's table (3 seeds) and plots
+    .venv/bin/python experiments/compare.py --quick         # seconds: 2 methods, 1 seed, tiny data
+
+Writes ``table.md``, ``table.csv``, ``runs.json``, ``accuracy_per_round.png`` and
+``accuracy_vs_missing_rate.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from pathlib import Path
+
+import fedilora  # noqa: F401  (the torchvision shim first)
+from fedilora.cli import FediLoRACLI
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = [
+    "fedilora", "fedilora_no_edit", "fedilora_edit_half", "fedilora_edit_replace", "fedilora_edit_lora_b",
+    "fedilora_edit_all", "fedilora_fixed_alpha", "fedavg", "hetlora", "flora", "flexlora", "local", "centralized",
+]  # fmt: skip
+SWEEP_METHODS = ["fedilora", "hetlora", "flora", "flexlora"]
+MISSING_RATES = [0.0, 0.2, 0.4, 0.6, 0.8]
+COLUMNS = [
+    ("global/complete/acc", "global complete"),
+    ("global/image_only/acc", "global image only"),
+    ("global/text_only/acc", "global text only"),
+    ("personalized/mean/acc", "personalized"),
+]
+
+
+def run(method: str, seed: int, out: Path, overrides: list[str]) -> dict:
+    """One ``fedilora fit`` of ``configs/<method>.yaml``; returns its history and results."""
+    args = [
+        "fit", "--config", str(ROOT / "configs" / f"{method}.yaml"),
+        "--trainer.seed", str(seed), "--data.seed", str(seed), "--trainer.eval_every", "1",
+        "--trainer.progress", "false", "--trainer.root_dir", str(out / "runs"), "--trainer.name", method,
+        *overrides,
+    ]  # fmt: skip
+    started = time.perf_counter()
+    cli = FediLoRACLI(args=args)
+    trainer = cli.trainer
+    history = trainer.history
+    return {
+        "method": method,
+        "seed": seed,
+        "overrides": overrides,
+        "wall_time_s": time.perf_counter() - started,
+        "bytes_per_round": statistics.mean(h["comm/bytes_uploaded"] + h["comm/bytes_downloaded"] for h in history),
+        "curve": [h.get("global/complete/acc") for h in history],
+        "final": {key: history[-1].get(key) for key, _ in COLUMNS},
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def write_table(runs: list[dict], out: Path) -> str:
+    header = ["method", *(name for _, name in COLUMNS), "wall time (s)", "MB per round"]
+    rows = []
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        cells = [mean_std([r["final"][key] for r in mine]) for key, _ in COLUMNS]
+        wall = statistics.mean(r["wall_time_s"] for r in mine)
+        megabytes = statistics.mean(r["bytes_per_round"] for r in mine) / 1e6
+        rows.append([method, *cells, f"{wall:.1f}", f"{megabytes:.2f}"])
+    with (out / "table.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, *rows])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    return table
+
+
+def plot_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method in dict.fromkeys(r["method"] for r in runs):
+        curves = [r["curve"] for r in runs if r["method"] == method]
+        mean = [statistics.mean(values) for values in zip(*curves, strict=True)]
+        ax.plot(range(1, len(mean) + 1), mean, label=method, linestyle="-" if "fedilora" in method else "--")
+    ax.set(xlabel="round", ylabel="global accuracy (complete test samples)", title="Global accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(sweep: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in sweep):
+        points = sorted((r["missing_rate"], r["final"]["global/complete/acc"]) for r in sweep if r["method"] == method)
+        rates = sorted({rate for rate, _ in points})
+        accs = [statistics.mean(a for rate, a in points if rate == x) for x in rates]
+        ax.plot(rates, accs, marker="o", label=method)
+    ax.set(xlabel="training missing rate (kind: both)", ylabel="global accuracy (complete test samples)",
+           title="Accuracy against missing rate")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--sweep-methods", nargs="*", default=SWEEP_METHODS, choices=METHODS)
+    parser.add_argument("--sweep-seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--missing-rates", nargs="+", type=float, default=MISSING_RATES)
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "results" / "compare")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, tiny data: checks the pipeline in seconds")
+    args = parser.parse_args()
+    overrides: list[str] = []
+    if args.quick:
+        args.methods, args.seeds = ["fedilora", "hetlora"], [0]
+        args.sweep_methods, args.missing_rates = ["fedilora"], [0.0, 0.4]
+        overrides = ["--trainer.rounds", "2", "--trainer.max_local_steps", "2",
+                     "--data.dataset.init_args.num_train", "400",
+                     "--data.dataset.init_args.num_test", "120"]  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    runs = [run(method, seed, args.out, overrides) for method in args.methods for seed in args.seeds]
+    sweep = []
+    for method in args.sweep_methods:
+        for rate in args.missing_rates:
+            for seed in args.sweep_seeds:
+                result = run(method, seed, args.out / "sweep", [*overrides, "--data.missing_rate", str(rate)])
+                sweep.append({**result, "missing_rate": rate})
+    (args.out / "runs.json").write_text(json.dumps({"runs": runs, "sweep": sweep}, indent=1))
+    table = write_table(runs, args.out)
+    plot_curves(runs, args.out / "accuracy_per_round.png")
+    if sweep:
+        plot_sweep(sweep, args.out / "accuracy_vs_missing_rate.png")
+    print(table)
+    print(f"\n{len(runs) + len(sweep)} runs in {time.perf_counter() - started:.0f} s; written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
