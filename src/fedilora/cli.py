@@ -55,7 +55,7 @@ class FediLoRACLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "datamodule"}}
+        return {"fit": {"model", "datamodule"}, "export": {"model", "datamodule"}}
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """No ``--seed_everything``: ``trainer.seed`` drives every random choice of a run."""

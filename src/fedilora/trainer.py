@@ -277,6 +277,37 @@ class FederatedTrainer:
         fabric.logger.finalize("success")
         return results
 
+    def export(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str, out: str) -> Path:
+        """Write the global adapter and every client's personalized adapter of a checkpoint in peft's format.
+
+        Args:
+            ckpt_path: The checkpoint to export, or ``last`` for the newest one of ``root_dir/name``.
+            out: Output folder: ``global/`` and ``clients/client_<k>/``, each with ``adapter_config.json``,
+                ``adapter_model.safetensors``, ``head.safetensors`` and ``fedilora.json``.
+        """
+        from fedilora.export import write_adapter
+
+        ranks, _, global_rank = self._check(model, datamodule)
+        torch.manual_seed(self.seed)
+        model.configure_model()
+        model.add_ranks([*ranks, global_rank])
+        self.aggregator.setup(scale=model.lora_scale)
+        self.global_lora = model.lora_state(global_rank)
+        self.global_extra = model.extra_state()
+        self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
+        completed = self._restore(model, ckpt_path)
+        root = Path(out)
+        try:
+            written = [write_adapter(model, global_rank, self.global_lora, self.global_extra, root / "global",
+                                     {"client": None, "completed_rounds": completed})]  # fmt: skip
+            for client, (rank, lora, extra) in sorted(self.personal.items()):
+                info = {"client": client, "completed_rounds": completed}
+                written.append(write_adapter(model, rank, lora, extra, root / "clients" / f"client_{client}", info))
+        except OSError as err:
+            raise ConfigError(f"--out: cannot write {root} ({err.strerror})") from None
+        self.fabric.print(f"exported {len(written)} adapters (global + {len(written) - 1} clients) to {root}")
+        return root
+
     # ------------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, model, datamodule, ranks: list[int], global_rank: int) -> dict:
         """What a checkpoint must agree on with the config resuming from it."""
@@ -423,8 +454,8 @@ class FederatedTrainer:
         downloaded = sum(aggregator.download_nbytes(self._start_state(c, r)[0]) for c, r in plan)
         downloaded += len(plan) * nbytes(self.global_extra)
         for update in updates:
-            if update.client_id != POOLED:
-                self.personal[update.client_id] = (update.rank, update.lora, update.extra)
+            if update.client_id != POOLED:  # personalized states wait on the CPU, not in device memory
+                self.personal[update.client_id] = (update.rank, _cpu(update.lora), _cpu(update.extra))
         skipped = len(updates) < self.min_clients_per_round
         if skipped:
             fabric.print(
@@ -641,9 +672,12 @@ class FederatedTrainer:
         }
 
 
+def _cpu(state: Mapping[str, Tensor]) -> State:
+    return {k: v.cpu() for k, v in state.items()}
+
+
 def _to_cpu(update: ClientUpdate) -> ClientUpdate:
-    update.lora = {k: v.cpu() for k, v in update.lora.items()}
-    update.extra = {k: v.cpu() for k, v in update.extra.items()}
+    update.lora, update.extra = _cpu(update.lora), _cpu(update.extra)
     return update
 
 
