@@ -8,6 +8,7 @@ its adapter and head tensors in (``load_client_state``), and swapped out by copy
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -95,6 +96,8 @@ class LoRACLIPClassifier(L.LightningModule):
             raise ConfigError("model.lora_scale and model.lora_alpha must be > 0")
         if not 0.0 <= lora_dropout < 1.0 or not 0.0 <= head_dropout < 1.0:
             raise ConfigError("model.lora_dropout and model.head_dropout must be in [0, 1)")
+        if head_hidden < 1:
+            raise ConfigError(f"model.head_hidden: must be >= 1, got {head_hidden}")
         if lr <= 0:
             raise ConfigError(f"model.lr: must be > 0, got {lr}")
         self.save_hyperparameters()
@@ -159,6 +162,12 @@ class LoRACLIPClassifier(L.LightningModule):
         """Add one peft adapter per new rank to the shared backbone."""
         self.configure_model()
         device = self.pixel_mean.device
+        largest, (module, limit) = max(ranks), self._narrowest_target()
+        if largest > limit:
+            raise ConfigError(
+                f"trainer.ranks: rank {largest} exceeds the dimensions of LoRA target {module} ({limit}); "
+                f"a rank above min(d_in, d_out) adds parameters but no capacity: use ranks <= {limit}"
+            )
         for rank in sorted(set(ranks)):
             if rank in self.ranks:
                 continue
@@ -170,6 +179,23 @@ class LoRACLIPClassifier(L.LightningModule):
             self.ranks.append(rank)
         self.backbone.to(device)
         self.use_rank(self.active_rank if self.active_rank is not None else max(self.ranks))
+
+    def _narrowest_target(self) -> tuple[str, int]:
+        """The LoRA target with the smallest min(d_in, d_out), and that dimension."""
+        pattern = re.compile(self.target_regex)
+        found = []
+        for name, module in self.clip.named_modules():
+            name = name.removeprefix(_PEFT_PREFIX)
+            if not pattern.fullmatch(name):
+                continue
+            base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+            if isinstance(base, nn.MultiheadAttention):
+                found.append((name, base.embed_dim))
+            elif isinstance(base, nn.Linear):
+                found.append((name, min(base.in_features, base.out_features)))
+        if not found:
+            raise ConfigError(f"model.lora_targets: no module of {self.model_name} matches {self.target_regex}")
+        return min(found, key=lambda item: item[1])
 
     def use_rank(self, rank: int) -> None:
         """Route the forward pass through the adapter of ``rank``; only it (and the head) trains."""

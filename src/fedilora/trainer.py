@@ -151,15 +151,21 @@ class FederatedTrainer:
         self._interrupted = False
         self.root_dir, self.name = root_dir, name
         logger = TensorBoardLogger(root_dir=root_dir, name=name)
-        self.fabric = Fabric(
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            num_nodes=num_nodes,
-            precision=precision,
-            loggers=logger,
-            callbacks=self.callbacks,
-        )
+        try:
+            self.fabric = Fabric(
+                accelerator=accelerator,
+                devices=devices,
+                strategy=strategy,
+                num_nodes=num_nodes,
+                precision=precision,
+                loggers=logger,
+                callbacks=self.callbacks,
+            )
+        except (ValueError, TypeError, RuntimeError, ImportError) as err:  # Fabric's own checks, one line each
+            raise ConfigError(
+                f"trainer.accelerator/devices/strategy/num_nodes/precision ({accelerator!r}, {devices!r}, "
+                f"{strategy!r}, {num_nodes!r}, {precision!r}): {str(err).splitlines()[0]}"
+            ) from None
         self.config_yaml: str | None = None  # the CLI sets the resolved config, written next to the logs
         self.history: list[dict[str, float]] = []
         self.global_lora: State = {}
