@@ -216,3 +216,10 @@ def test_table_header_must_name_the_columns(tmp_path):
     dataset = MultimodalTable(str(path), image_column="file", text_column="caption")  # no "label" column
     with pytest.raises(ConfigError, match=r"data\.csv line 1: no column 'label' in the header row"):
         dataset.load()
+
+
+def test_a_split_file_that_does_not_parse(tmp_path):
+    root = make_mmimdb(tmp_path / "mmimdb")
+    (root / "split.json").write_text('{"train": ["0000001",]}')
+    with pytest.raises(ConfigError, match=r"split\.json: not valid JSON \(.* at line 1, column \d+\)"):
+        MMIMDb(str(root), image_size=32, on_bad_sample="skip").load()  # a broken split file is never skipped

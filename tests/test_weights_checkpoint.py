@@ -169,3 +169,12 @@ def test_minilm_tokenizer_in_the_datamodule():
                              tokenizer=MINILM_MODEL)  # fmt: skip
     dm.setup()
     assert dm.pool_tokens.shape == (40, 32) and (dm.pool_tokens[:, 0] == 101).all()
+
+
+def test_an_hf_text_tower_named_by_hub_id_fails_fast_offline():
+    # open_clip's roberta-ViT-B-32 names its text tower "roberta-base" on the Hub; conftest sets HF_HUB_OFFLINE=1
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"model\.model_name: 'roberta-ViT-B-32' uses the Hugging Face text encoder "
+                                          r"'roberta-base'.*HF_HUB_OFFLINE is set.*local directory"):  # fmt: skip
+        build_clip("roberta-ViT-B-32", None)
+    assert time.perf_counter() - start < 5

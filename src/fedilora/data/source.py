@@ -13,7 +13,11 @@ Task = Literal["multiclass", "multilabel", "binary"]
 
 
 class ImageStore(Protocol):
-    """Images indexed by a LongTensor of sample indices, returned as uint8 ``[B, 3, H, W]``."""
+    """Images indexed by a LongTensor of sample indices, returned as uint8 ``[B, 3, H, W]``.
+
+    A uint8 tensor is one (the embedded benchmark); ``fedilora.data.ImageFiles`` is another, which
+    decodes image files on access so that a large dataset never sits in memory.
+    """
 
     def __getitem__(self, index: Tensor) -> Tensor: ...
 
