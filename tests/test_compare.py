@@ -18,10 +18,12 @@ def test_quick_comparison_writes_table_and_plots(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     with (tmp_path / "table.csv").open() as handle:
         rows = list(csv.reader(handle))
-    assert rows[0][:5] == ["method", "global complete", "global image only", "global text only", "personalized"]
+    assert rows[0][:6] == ["method", "global complete, round 1", "global complete", "global image only",
+                           "global text only", "personalized"]  # fmt: skip
     assert [r[0] for r in rows[1:]] == ["fedilora", "hetlora"]
     for row in rows[1:]:
-        assert 0.0 <= float(row[1]) <= 1.0 and float(row[-1]) > 0  # an accuracy, and bytes were communicated
+        # accuracies, and bytes were communicated
+        assert 0.0 <= float(row[1]) <= 1.0 and 0.0 <= float(row[2]) <= 1.0 and float(row[-1]) > 0
     assert "| fedilora |" in (tmp_path / "table.md").read_text()
     for plot in ("accuracy_per_round.png", "accuracy_vs_missing_rate.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
