@@ -5,7 +5,7 @@ dW = sum_k p_k B_k A_k = Bs As with Bs ``[d_out, m]``, As ``[m, d_in]`` (the squ
 split over both factors, as ``fedilora.baselines.flexlora_svd`` does). Both routes start from the same
 Bs, As (stacking is common to both and not timed) and return the rank-32 factors (B_32, A_32):
 
-- QR route (what FlexLoRA runs): ``low_rank_svd(Bs, As)`` + ``truncated_factors(..., 32)``,
+- QR route (what FlexLoRA runs, "QR s" below): ``low_rank_svd(Bs, As)`` + ``truncated_factors(..., 32)``,
   O((d_out + d_in) m^2);
 - dense reference: ``dW = Bs @ As`` (materialised) + ``dense_truncated_factors(dW, 32)``, a thin SVD of
   the d_out x d_in matrix, O(d_out d_in min(d_out, d_in)).
@@ -15,7 +15,7 @@ mlp.c_fc 768->3072, mlp.c_proj 3072->768. Reported per module: median times, the
 dense / QR, and the agreement of the products B_r A_r of both routes at every client rank (relative
 Frobenius error), and of the QR route's full reconstruction U S V^T against dW.
 
-    .venv/bin/python experiments/bench_flexlora_svd.py [--repeats 5] [--quick]
+    .venv/bin/python experiments/bench_flexlora_svd.py [--repeats 5] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -84,16 +84,25 @@ def bench_module(d_in: int, d_out: int, repeats: int, generator: torch.Generator
         dense_route(b_stack, a_stack, global_rank)
         dense_times.append(time.perf_counter() - start)
 
-    # agreement, untimed, in float32 as both routes run: products at every client rank, and the
-    # QR route's full factorisation against dW itself
+    # agreement, untimed. Both routes run in float32, and the products of two rank-r truncations differ
+    # by float32 rounding amplified by sigma_1 / (sigma_r - sigma_r+1): where that gap is small they
+    # cannot agree to float32 precision whatever the algorithm. So each is also compared with a dense
+    # float64 reference; the QR route passes at rank r if it agrees with the dense float32 route to
+    # TOLERANCE or is at most 2x as far from the float64 reference as the dense route is.
     dw = b_stack @ a_stack
     (_, (u, s, v)) = qr_route(b_stack, a_stack, global_rank)
     dense_u, dense_s, dense_vh = torch.linalg.svd(dw, full_matrices=False)
-    errors = {}
+    u64, s64, vh64 = torch.linalg.svd(b_stack.double() @ a_stack.double(), full_matrices=False)
+    errors, qr_vs_64, dense_vs_64, agree = {}, {}, {}, True
     for r in sorted(set(RANKS)):
         b_q, a_q = truncated_factors(u, s, v, r)
         b_d, a_d = truncated_factors(dense_u, dense_s, dense_vh.T, r)
+        b_64, a_64 = truncated_factors(u64, s64, vh64.T, r)
+        reference = b_64 @ a_64
         errors[r] = rel_err(b_q @ a_q, b_d @ a_d)
+        qr_vs_64[r] = rel_err((b_q @ a_q).double(), reference)
+        dense_vs_64[r] = rel_err((b_d @ a_d).double(), reference)
+        agree &= errors[r] < TOLERANCE or qr_vs_64[r] <= 2 * dense_vs_64[r]
     full = rel_err((u * s) @ v.T, dw)
     qr_med, dense_med = statistics.median(qr_times), statistics.median(dense_times)
     return {
@@ -106,6 +115,9 @@ def bench_module(d_in: int, d_out: int, repeats: int, generator: torch.Generator
         "median_dense_s": dense_med,
         "speedup": dense_med / qr_med,
         "rel_err_products_by_rank": errors,
+        "rel_err_qr_vs_float64_by_rank": qr_vs_64,
+        "rel_err_dense_vs_float64_by_rank": dense_vs_64,
+        "products_agree": agree,
         "rel_err_full_reconstruction": full,
         "singular_values_top": s[:4].tolist(),
     }
@@ -129,45 +141,58 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="repetitions (default: 5, or 2 with --quick)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (2: the 2-core machine; 1 is steadier on a busy CPU)"
+    )
     parser.add_argument("--quick", action="store_true", help="module sizes / 4 (smoke test)")
     args = parser.parse_args()
-    torch.set_num_threads(2)  # the 2-core machine's setting
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)  # default 2: the 2-core machine
 
     divisor = 4 if args.quick else 1
     generator = torch.Generator().manual_seed(0)
     rows = {}
     for name, (d_in, d_out) in MODULES.items():
         row = bench_module(d_in // divisor, d_out // divisor, args.repeats, generator)
-        worst = max(row["rel_err_products_by_rank"].values())
-        row["met"] = row["speedup"] > TARGET_SPEEDUP and worst < TOLERANCE and row["rel_err_full_reconstruction"] < 1e-5
+        row["met"] = (
+            row["speedup"] > TARGET_SPEEDUP and row["products_agree"] and row["rel_err_full_reconstruction"] < 1e-5
+        )
         rows[name] = row
         print(f"{name}: qr {row['qr_s']}, dense {row['dense_s']}", flush=True)
 
     print(
         f"\nFlexLoRA SVD, {len(RANKS)} clients of ranks {RANKS} (stacked rank {sum(RANKS)}), "
-        f"factors at rank {max(RANKS)}, float32, median of {args.repeats}"
+        f"factors at rank {max(RANKS)}, float32, median of {args.repeats}, {args.threads} threads"
     )
-    print("| module        | d_in -> d_out  | QR route s | dense SVD s (ref) | speed-up | max rel err B_r A_r | met |")
-    print("|---------------|----------------|------------|-------------------|----------|---------------------|-----|")
+    print("| module        | d_in -> d_out  | QR s   | dense s | speed-up | QR-dense | QR-f64  | dense-f64 | met |")
+    print("|---------------|----------------|--------|---------|----------|----------|---------|-----------|-----|")
     for name, r in rows.items():
-        worst = max(r["rel_err_products_by_rank"].values())
+        errs = [max(r[k].values()) for k in ("rel_err_products_by_rank", "rel_err_qr_vs_float64_by_rank")]
+        errs.append(max(r["rel_err_dense_vs_float64_by_rank"].values()))
         print(
-            f"| {name:<13} | {r['d_in']:>5} -> {r['d_out']:<5} | {r['median_qr_s']:10.4f} | "
-            f"{r['median_dense_s']:17.4f} | {r['speedup']:7.1f}x | {worst:19.2e} | {'yes' if r['met'] else 'NO':<3} |"
+            f"| {name:<13} | {r['d_in']:>5} -> {r['d_out']:<5} | {r['median_qr_s']:6.4f} | "
+            f"{r['median_dense_s']:7.4f} | {r['speedup']:7.1f}x | {errs[0]:8.1e} | {errs[1]:7.1e} | "
+            f"{errs[2]:9.1e} | {'yes' if r['met'] else 'NO':<3} |"
         )
     print(
-        f"target: QR route faster than the dense SVD (speed-up > {TARGET_SPEEDUP:g}), products agree "
-        f"(relative error < {TOLERANCE:g} at ranks {sorted(set(RANKS))}), U S V^T == dW (< 1e-5)"
+        "errors: largest relative Frobenius error of the rank-r products B_r A_r over r in "
+        f"{sorted(set(RANKS))}: QR route vs dense route, and each vs a float64 dense SVD"
+    )
+    print(
+        f"target: speed-up > {TARGET_SPEEDUP:g}; at every r, QR-dense < {TOLERANCE:g} or QR-f64 <= 2 x dense-f64; "
+        "QR route's full U S V^T == dW (< 1e-5)"
     )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"bench_flexlora_svd{'_quick' if args.quick else ''}.json"
+    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
+    out = RESULTS / f"bench_flexlora_svd{suffix}.json"
     payload = {
         "benchmark": "flexlora_svd",
         "machine": machine(),
         "ranks": RANKS,
         "repeats": args.repeats,
+        "threads": args.threads,
         "target": f"speedup > {TARGET_SPEEDUP}, product rel err < {TOLERANCE}",
         "modules": rows,
     }

@@ -14,7 +14,7 @@ the number of clients differs, so the work per round is the same in every run.
   The child also records the bytes of the personalized states the trainer keeps for every client it
   has trained (``trainer.personal``), which grow with the number of distinct clients sampled so far.
 
-    .venv/bin/python experiments/bench_memory.py [--repeats 1] [--quick]
+    .venv/bin/python experiments/bench_memory.py [--repeats 1] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -69,6 +69,11 @@ class RssRecorder(FederatedCallback):
         self.rss: list[int] = []
         self.personal_bytes: list[int] = []
         self.personal_clients: list[int] = []
+        self.fit_start = 0
+
+    def on_fit_start(self, trainer) -> None:
+        # after data setup, model building and writing the run files: what the run costs before round 1
+        self.fit_start = proc_status("VmRSS")
 
     def on_aggregate_end(self, trainer, round, global_lora) -> None:
         self.rss.append(proc_status("VmRSS"))
@@ -78,7 +83,7 @@ class RssRecorder(FederatedCallback):
 
 def child(cfg: dict) -> None:
     """One run; prints ``RESULT <json>`` as its last line."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(cfg["threads"])
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     n = cfg["num_clients"]
     dm = FederatedDataModule(
@@ -112,6 +117,7 @@ def child(cfg: dict) -> None:
     result = {
         "num_clients": n,
         "peak_bytes": proc_status("VmHWM"),
+        "rss_fit_start": recorder.fit_start,
         "rss_by_round": recorder.rss,
         "personal_bytes_by_round": recorder.personal_bytes,
         "personal_clients_by_round": recorder.personal_clients,
@@ -152,16 +158,19 @@ def mib(n: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=1, help="runs per client count (median of the peaks)")
-    parser.add_argument("--quick", action="store_true", help="5000 samples, 2 rounds of 1 step (smoke test)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (2: the 2-core machine; 1 is steadier on a busy CPU)"
+    )
+    parser.add_argument("--quick", action="store_true", help="2000 samples, 2 rounds of 1 step (smoke test)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
-    torch.set_num_threads(2)  # the children set it too: they do the work
+    torch.set_num_threads(args.threads)  # the children set it too: they do the work
 
     if args.quick:
-        base = {"num_train": 5000, "num_test": 200, "rounds": 2, "steps": 1}
+        base = {"num_train": 2000, "num_test": 60, "rounds": 2, "steps": 1}
         early, late = 1, 2
     else:
         base = {"num_train": 20000, "num_test": 200, "rounds": 20, "steps": 2}
@@ -172,7 +181,7 @@ def main() -> None:
     runs: dict[int, list[dict]] = {}
     for n in (10, 100, 1000):
         for _ in range(args.repeats):
-            result = run_child({**base, "num_clients": n})
+            result = run_child({**base, "num_clients": n, "threads": args.threads})
             runs.setdefault(n, []).append(result)
             print(f"{n} clients: peak {result['peak_bytes'] / 2**20:.1f} MiB", flush=True)
 
@@ -188,12 +197,17 @@ def main() -> None:
 
     print(
         f"\nMemory, fedilora-tiny, {base['num_train']} training samples, 10 clients per round x "
-        f"{base['steps']} steps, {base['rounds']} rounds, median of {args.repeats} run(s) per row"
+        f"{base['steps']} steps, {base['rounds']} rounds, median of {args.repeats} run(s) per row, "
+        f"{args.threads} threads"
     )
-    print("| clients | peak RSS (VmHWM) MiB | ratio to 10 clients |")
-    print("|---------|----------------------|---------------------|")
+    print("| clients | peak RSS (VmHWM) MiB | ratio to 10 clients | RSS before round 1 MiB | after last round MiB |")
+    print("|---------|----------------------|---------------------|------------------------|----------------------|")
     for n, peak in peaks.items():
-        print(f"| {n:<7} | {mib(peak):>20} | {peak / peaks[10]:19.3f} |")
+        first = runs[n][0]
+        print(
+            f"| {n:<7} | {mib(peak):>20} | {peak / peaks[10]:19.3f} | {mib(first['rss_fit_start']):>22} | "
+            f"{mib(first['rss_by_round'][-1]):>20} |"
+        )
     print(f"1000 clients / 10 clients = {peak_ratio:.3f}; target <= {PEAK_TARGET}: {'met' if peak_met else 'NOT met'}")
     print(f"\nRSS after aggregation, 1000-client run, round {early} vs round {late}")
     print("| round | VmRSS MiB | personalized states kept | their tensors MiB |")
@@ -210,12 +224,14 @@ def main() -> None:
     )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"bench_memory{'_quick' if args.quick else ''}.json"
+    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
+    out = RESULTS / f"bench_memory{suffix}.json"
     payload = {
         "benchmark": "memory",
         "machine": machine(),
         "config": base,
         "repeats": args.repeats,
+        "threads": args.threads,
         "runs": {str(n): rs for n, rs in runs.items()},
         "median_peak_bytes": {str(n): p for n, p in peaks.items()},
         "peak_ratio_1000_vs_10": peak_ratio,

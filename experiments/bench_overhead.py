@@ -13,7 +13,7 @@ on the same batches (the datamodule's client loaders, seeded exactly as the trai
 
 Reported: the ratio (a)/(b) of the medians over ``--repeats`` interleaved repetitions; target <= 1.10.
 
-    .venv/bin/python experiments/bench_overhead.py [--repeats 3] [--quick] [--profile]
+    .venv/bin/python experiments/bench_overhead.py [--repeats 5] [--threads 2] [--quick] [--profile]
 
 ``--profile`` also runs one federated fit under cProfile and prints where the time outside the
 training steps goes.
@@ -153,12 +153,15 @@ def print_profile(profile: cProfile.Profile, limit: int = 30) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, help="repetitions (default: 5, or 2 with --quick)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch threads (2: the 2-core machine; 1 is steadier on a busy CPU)"
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, seconds (smoke test)")
     parser.add_argument("--profile", action="store_true", help="also profile one federated fit with cProfile")
     args = parser.parse_args()
-    # the 2-core machine's setting; also keeps the two sides from competing with other work differently
-    torch.set_num_threads(2)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    torch.set_num_threads(args.threads)  # default 2: the 2-core machine
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)  # "Seed set to 0" per fit
 
     if args.quick:
@@ -206,7 +209,8 @@ def main() -> None:
     steps = cfg["total_steps"]
     print(
         f"\nFramework overhead: {steps} optimizer steps ({cfg['rounds']} rounds x {cfg['per_round']} clients x "
-        f"{cfg['steps']} steps, batch {cfg['batch_size']}, rank {RANK}), median of {args.repeats}"
+        f"{cfg['steps']} steps, batch {cfg['batch_size']}, rank {RANK}), median of {args.repeats}, "
+        f"{args.threads} threads"
     )
     print("| run                                   | median s | ms/step |")
     print("|---------------------------------------|----------|---------|")
@@ -221,12 +225,14 @@ def main() -> None:
     print(f"framework cost per trained client (a - b) / {clients_trained} = {per_client_ms:.1f} ms")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"bench_overhead{'_quick' if args.quick else ''}.json"
+    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
+    out = RESULTS / f"bench_overhead{suffix}.json"
     payload = {
         "benchmark": "overhead",
         "machine": machine(),
         "config": cfg,
         "repeats": args.repeats,
+        "threads": args.threads,
         "federated_span_s": federated,
         "federated_round_time_sum_s": federated_rounds,
         "plain_s": plain,

@@ -16,7 +16,7 @@ import lightning as L
 import open_clip
 import torch
 import torch.nn.functional as F
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -121,6 +121,7 @@ class LoRACLIPClassifier(L.LightningModule):
         self.val_metrics: MetricCollection | None = None
         self.ranks: list[int] = []
         self.active_rank: int | None = None
+        self._lora_params: dict[int, dict[str, nn.Parameter]] = {}
 
     # ----------------------------------------------------------------------------------- building
     def configure_model(self) -> None:
@@ -178,7 +179,8 @@ class LoRACLIPClassifier(L.LightningModule):
                 self.backbone = get_peft_model(self.backbone, config, adapter_name=adapter_name(rank))
             self.ranks.append(rank)
         self.backbone.to(device)
-        self.use_rank(self.active_rank if self.active_rank is not None else max(self.ranks))
+        active, self.active_rank = self.active_rank, None  # new adapters: set trainability again
+        self.use_rank(active if active is not None else max(self.ranks))
 
     def _narrowest_target(self) -> tuple[str, int]:
         """The LoRA target with the smallest min(d_in, d_out), and that dimension."""
@@ -201,9 +203,12 @@ class LoRACLIPClassifier(L.LightningModule):
         """Route the forward pass through the adapter of ``rank``; only it (and the head) trains."""
         if rank not in self.ranks:
             raise KeyError(f"no adapter of rank {rank}; have {self.ranks}")
+        if rank == self.active_rank:
+            return
         self.backbone.set_adapter(adapter_name(rank))
-        for name, param in self.backbone.named_parameters():
-            param.requires_grad_(f".{adapter_name(rank)}." in name)
+        for other in self.ranks:
+            for param in self._lora_tensors(other).values():
+                param.requires_grad_(other == rank)
         self.active_rank = rank
 
     @property
@@ -216,11 +221,32 @@ class LoRACLIPClassifier(L.LightningModule):
         without the adapter name, e.g. ``visual.transformer.resblocks.0.attn.lora_A.weight``."""
         return {k: v.detach().clone() for k, v in self._lora_tensors(rank).items()}
 
-    def _lora_tensors(self, rank: int | None) -> State:
+    def _lora_tensors(self, rank: int | None) -> dict[str, nn.Parameter]:
+        """The LoRA parameters of ``rank`` under peft's state-dict names, resolved once per rank: a client
+        swap is then a plain copy rather than a walk over the whole model's state dict."""
         rank = self.active_rank if rank is None else rank
-        state = get_peft_model_state_dict(self.backbone, adapter_name=adapter_name(rank))
-        return {k.removeprefix(_PEFT_PREFIX): v for k, v in state.items()}
+        if rank not in self._lora_params:
+            adapter = adapter_name(rank)
+            params = {
+                name.removeprefix(_PEFT_PREFIX).replace(f".{adapter}.", "."): param
+                for name, param in self.backbone.named_parameters()
+                if f".{adapter}." in name
+            }
+            peft_keys = {
+                k.removeprefix(_PEFT_PREFIX) for k in get_peft_model_state_dict(self.backbone, adapter_name=adapter)
+            }
+            if params.keys() != peft_keys:  # our naming must stay peft's naming
+                raise RuntimeError(
+                    f"LoRA parameter names differ from peft's state dict: {sorted(params.keys() ^ peft_keys)[:3]}"
+                )
+            self._lora_params[rank] = params
+        return self._lora_params[rank]
 
+    def _apply(self, fn, *args, **kwargs):
+        self._lora_params = {}  # parameters may be replaced by device or dtype moves
+        return super()._apply(fn, *args, **kwargs)
+
+    @torch.no_grad()
     def load_lora_state(self, state: Mapping[str, Tensor], rank: int | None = None) -> None:
         rank = self.active_rank if rank is None else rank
         own = self._lora_tensors(rank)
@@ -234,11 +260,7 @@ class LoRACLIPClassifier(L.LightningModule):
                 raise ValueError(
                     f"{key}: shape {tuple(value.shape)} does not fit rank {rank} ({tuple(own[key].shape)})"
                 )
-        result = set_peft_model_state_dict(
-            self.backbone, {_PEFT_PREFIX + k: v for k, v in state.items()}, adapter_name=adapter_name(rank)
-        )
-        if result.unexpected_keys:
-            raise ValueError(f"peft did not load {result.unexpected_keys[:3]}")
+            own[key].copy_(value)
 
     def extra_state(self) -> State:
         """A copy of the trainable tensors that are not LoRA (head, missing-modality embeddings)."""

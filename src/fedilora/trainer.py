@@ -202,12 +202,12 @@ class FederatedTrainer:
         per_round = self.per_round(datamodule.num_clients)
         if self.aggregator.requires_equal_ranks and len(set(ranks)) > 1:
             raise ConfigError(
-                f"trainer.aggregator: {type(self.aggregator).__name__} needs every client to have the same rank, "
+                f"trainer.aggregator: {_strategy_name(self.aggregator)} needs every client to have the same rank, "
                 f"got trainer.ranks={ranks}"
             )
         if self.aggregator.needs_constant_scale and model.lora_alpha is not None:
             raise ConfigError(
-                f"trainer.aggregator: {type(self.aggregator).__name__} multiplies B @ A with one LoRA scale for all "
+                f"trainer.aggregator: {_strategy_name(self.aggregator)} multiplies B @ A with one LoRA scale for all "
                 "ranks; set model.lora_alpha: null (constant scale)"
             )
         if model.num_classes != datamodule.num_classes or model.task != datamodule.task:
@@ -322,7 +322,7 @@ class FederatedTrainer:
             "global_lora_rank": global_rank,
             "num_clients": datamodule.num_clients,
             "model_name": model.model_name,
-            "aggregator": type(self.aggregator).__name__,
+            "aggregator": _strategy_name(self.aggregator),
             "lora": {k: list(v.shape) for k, v in self.global_lora.items()},
             "extra": {k: list(v.shape) for k, v in self.global_extra.items()},
         }
@@ -665,8 +665,8 @@ class FederatedTrainer:
         }
         personalized = {k.split("/")[2]: v for k, v in final.items() if k.startswith("personalized/mean/")}
         return {
-            "aggregator": type(self.aggregator).__name__,
-            "callbacks": [type(c).__name__ for c in self.callbacks],
+            "aggregator": _strategy_name(self.aggregator),
+            "callbacks": [_strategy_name(c) for c in self.callbacks],
             "rounds": self.rounds,
             "num_clients": datamodule.num_clients,
             "ranks": list(ranks),
@@ -676,6 +676,11 @@ class FederatedTrainer:
             "wall_time_s": seconds,
             "log_dir": str(self.log_dir),
         }
+
+
+def _strategy_name(obj: object) -> str:
+    """The class name, without jsonargparse's ``LazyInstance_`` prefix of lazily built defaults."""
+    return type(obj).__name__.removeprefix("LazyInstance_")
 
 
 def _cpu(state: Mapping[str, Tensor]) -> State:
