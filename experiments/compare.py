@@ -96,6 +96,7 @@ def plot_curves(runs: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 13 methods: the default 10-colour cycle repeats
     for method in dict.fromkeys(r["method"] for r in runs):
         curves = [r["curve"] for r in runs if r["method"] == method]
         rounds = [r for r, _ in curves[0]]
@@ -115,16 +116,21 @@ def plot_sweep(sweep: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method in dict.fromkeys(r["method"] for r in sweep):
-        points = sorted((r["missing_rate"], r["final"]["global/complete/acc"]) for r in sweep if r["method"] == method)
-        rates = sorted({rate for rate, _ in points})
-        accs = [statistics.mean(a for rate, a in points if rate == x) for x in rates]
-        ax.plot(rates, accs, marker="o", label=method)
-    ax.set(xlabel="training missing rate (kind: both)", ylabel="global accuracy (complete test samples)",
-           title="Accuracy against missing rate")  # fmt: skip
-    ax.grid(alpha=0.3)
-    ax.legend()
+    first = sweep[0]["curve"][0][0]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=False)
+    # the first evaluation shows the cost of missing modalities before every method reaches the ceiling
+    panels = [(axes[0], lambda r: r["curve"][0][1], f"round {first}"),
+              (axes[1], lambda r: r["final"]["global/complete/acc"], "final round")]  # fmt: skip
+    for ax, value, when in panels:
+        for method in dict.fromkeys(r["method"] for r in sweep):
+            points = sorted((r["missing_rate"], value(r)) for r in sweep if r["method"] == method)
+            rates = sorted({rate for rate, _ in points})
+            accs = [statistics.mean(a for rate, a in points if rate == x) for x in rates]
+            ax.plot(rates, accs, marker="o", label=method)
+        ax.set(xlabel="training missing rate (kind: both)", ylabel="global accuracy (complete test samples)",
+               title=f"Accuracy against missing rate, {when}")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
