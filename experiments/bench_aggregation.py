@@ -19,20 +19,14 @@ Target: aggregate within 2x of the floor, per K. The floor's stacks are all buil
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from _bench import write_results
 from fedilora.aggregation import ClientUpdate, DimensionWise, dimension_weights, rank_axis, sample_weights, stack_padded
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANK_PATTERN = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 TARGET = 2.0
 # (tower prefix, width, layers) of ViT-B-32
@@ -81,22 +75,6 @@ def floor_seconds(stacked: dict[str, torch.Tensor], coef_by_axis) -> tuple[float
     for key, st in stacked.items():
         result[key] = (st * coef_by_axis[rank_axis(key)]).sum(0)
     return time.perf_counter() - start, result
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-    }
 
 
 def bench(num_clients: int, shapes, repeats: int) -> dict:
@@ -177,12 +155,8 @@ def main() -> None:
             f"{r['max_abs_diff_vs_floor']:10.2e} |"
         )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
-    out = RESULTS / f"bench_aggregation{suffix}.json"
     payload = {
         "benchmark": "aggregation",
-        "machine": machine(),
         "size": size,
         "ranks": RANK_PATTERN,
         "repeats": args.repeats,
@@ -190,8 +164,7 @@ def main() -> None:
         "target": f"ratio <= {TARGET}",
         "rows": rows,
     }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"results: {out}")
+    write_results("bench_aggregation", payload, args.quick, args.threads)
 
 
 if __name__ == "__main__":

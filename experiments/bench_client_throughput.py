@@ -18,27 +18,22 @@ their ratio federated / Lightning; target >= 0.95.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from _bench import write_results
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer, client_seed
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANK = 8
 CLIENT = 0
 TARGET = 0.95
@@ -92,22 +87,6 @@ def run_lightning(model, dm, lora, extra, seed: int, steps: int) -> float:
     seconds = time.perf_counter() - start
     assert trainer.global_step == steps, trainer.global_step
     return seconds
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-    }
 
 
 def main() -> None:
@@ -176,12 +155,8 @@ def main() -> None:
         f"target >= {TARGET}: {'met' if met else 'NOT met'}"
     )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
-    out = RESULTS / f"bench_client_throughput{suffix}.json"
     payload = {
         "benchmark": "client_throughput",
-        "machine": machine(),
         "steps": steps,
         "samples": samples,
         "repeats": args.repeats,
@@ -195,8 +170,7 @@ def main() -> None:
         "target": f">= {TARGET}",
         "met": met,
     }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"results: {out}")
+    write_results("bench_client_throughput", payload, args.quick, args.threads)
 
 
 if __name__ == "__main__":

@@ -21,20 +21,14 @@ Frobenius error), and of the QR route's full reconstruction U S V^T against dW.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from _bench import write_results
 from fedilora.baselines import dense_truncated_factors, low_rank_svd, truncated_factors
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANKS = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 # the QR route must win; 1.0 is the break-even, products must agree to float32 accuracy
 TARGET_SPEEDUP = 1.0
@@ -123,22 +117,6 @@ def bench_module(d_in: int, d_out: int, repeats: int, generator: torch.Generator
     }
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, help="repetitions (default: 5, or 2 with --quick)")
@@ -184,20 +162,15 @@ def main() -> None:
         "QR route's full U S V^T == dW (< 1e-5)"
     )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
-    out = RESULTS / f"bench_flexlora_svd{suffix}.json"
     payload = {
         "benchmark": "flexlora_svd",
-        "machine": machine(),
         "ranks": RANKS,
         "repeats": args.repeats,
         "threads": args.threads,
         "target": f"speedup > {TARGET_SPEEDUP}, product rel err < {TOLERANCE}",
         "modules": rows,
     }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"results: {out}")
+    write_results("bench_flexlora_svd", payload, args.quick, args.threads)
 
 
 if __name__ == "__main__":

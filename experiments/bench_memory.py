@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,12 +35,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from _bench import write_results
 from fedilora.callbacks import FederatedCallback
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANK_PATTERN = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 PEAK_TARGET = 1.25
 GROWTH_TOLERANCE = (0.02, 4 * 2**20)  # relative, absolute (bytes): allocator and page-cache noise
@@ -136,21 +134,6 @@ def run_child(cfg: dict) -> dict:
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),
-    }
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:8.1f}"
 
@@ -223,12 +206,8 @@ def main() -> None:
         f"{'met' if growth_met else 'NOT met'}"
     )
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
-    out = RESULTS / f"bench_memory{suffix}.json"
     payload = {
         "benchmark": "memory",
-        "machine": machine(),
         "config": base,
         "repeats": args.repeats,
         "threads": args.threads,
@@ -243,8 +222,7 @@ def main() -> None:
         "growth_allowed_bytes": allowed,
         "growth_met": growth_met,
     }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"results: {out}")
+    write_results("bench_memory", payload, args.quick, args.threads)
 
 
 if __name__ == "__main__":

@@ -24,28 +24,24 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
-import datetime
 import io
-import json
 import logging
 import os
-import platform
 import pstats
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
+from _bench import write_results
 from fedilora.callbacks import FederatedCallback
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer, client_seed, sample_clients
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RANK = 8
 TARGET = 1.10
 
@@ -123,22 +119,6 @@ def run_plain(dm: FederatedDataModule, cfg: dict) -> float:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return time.perf_counter() - start
-
-
-def machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError, StopIteration):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "loadavg": os.getloadavg(),  # other work on the shared CPU shows up here
-    }
 
 
 def print_profile(profile: cProfile.Profile, limit: int = 30) -> str:
@@ -224,12 +204,8 @@ def main() -> None:
     )
     print(f"framework cost per trained client (a - b) / {clients_trained} = {per_client_ms:.1f} ms")
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = ("_quick" if args.quick else "") + ("" if args.threads == 2 else f"_threads{args.threads}")
-    out = RESULTS / f"bench_overhead{suffix}.json"
     payload = {
         "benchmark": "overhead",
-        "machine": machine(),
         "config": cfg,
         "repeats": args.repeats,
         "threads": args.threads,
@@ -245,8 +221,7 @@ def main() -> None:
         "met": met,
         "profile": profile_text,
     }
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"results: {out}")
+    write_results("bench_overhead", payload, args.quick, args.threads)
 
 
 if __name__ == "__main__":
