@@ -439,9 +439,10 @@ class FederatedTrainer:
         fabric.call("on_round_start", trainer=self, round=round_)
         plan = self.round_plan(round_, ranks, per_round, global_rank)
         mine = plan[fabric.global_rank :: fabric.world_size]  # each process trains its share of the clients
-        updates, failures = [], []
+        updates, failures, downloaded = [], [], 0
         for client, rank in mine:
             lora, extra = self._start_state(client, rank)
+            downloaded += aggregator.download_nbytes(lora) + nbytes(extra)
             fabric.call("on_client_fit_start", trainer=self, round=round_, client_id=client, rank=rank)
             try:
                 update = self.train_client(model, datamodule, round_, client, rank, lora, extra)
@@ -454,11 +455,9 @@ class FederatedTrainer:
             else:
                 failures.append((client, problem))
         if fabric.world_size > 1:
-            updates, failures = self._gather(updates, failures, plan)
+            updates, failures, downloaded = self._gather(updates, failures, downloaded, plan)
         for client, problem in failures:
             fabric.print(f"warning: round {round_}: client {client} left out of the aggregation ({problem})")
-        downloaded = sum(aggregator.download_nbytes(self._start_state(c, r)[0]) for c, r in plan)
-        downloaded += len(plan) * nbytes(self.global_extra)
         for update in updates:
             if update.client_id != POOLED:  # personalized states wait on the CPU, not in device memory
                 self.personal[update.client_id] = (update.rank, _cpu(update.lora), _cpu(update.extra))
@@ -506,22 +505,22 @@ class FederatedTrainer:
         return None
 
     def _gather(
-        self, updates: list[ClientUpdate], failures: list[tuple[int, str]], plan: list[tuple[int, int]]
-    ) -> tuple[list[ClientUpdate], list[tuple[int, str]]]:
+        self, updates: list[ClientUpdate], failures: list[tuple[int, str]], downloaded: int, plan: list[tuple[int, int]]
+    ) -> tuple[list[ClientUpdate], list[tuple[int, str]], int]:
         """Every process receives every update, in plan order, so all compute the same aggregate."""
         import torch.distributed as dist
 
-        local = ([_to_cpu(u) for u in updates], failures)
+        local = ([_to_cpu(u) for u in updates], failures, downloaded)
         gathered: list = [None] * self.fabric.world_size
         dist.all_gather_object(gathered, local)
         order = {client: i for i, (client, _) in enumerate(plan)}
-        all_updates = sorted((u for part, _ in gathered for u in part), key=lambda u: order[u.client_id])
-        all_failures = sorted((f for _, part in gathered for f in part), key=lambda f: order[f[0]])
+        all_updates = sorted((u for part, _, _ in gathered for u in part), key=lambda u: order[u.client_id])
+        all_failures = sorted((f for _, part, _ in gathered for f in part), key=lambda f: order[f[0]])
         device = self.fabric.device
         for update in all_updates:
             update.lora = {k: v.to(device) for k, v in update.lora.items()}
             update.extra = {k: v.to(device) for k, v in update.extra.items()}
-        return all_updates, all_failures
+        return all_updates, all_failures, sum(count for _, _, count in gathered)
 
     def train_client(
         self,
