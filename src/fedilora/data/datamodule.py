@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Literal
 
 import lightning as L
@@ -218,9 +217,8 @@ class FederatedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def _pooled(self, split: Split, clients: Sequence[int] | None = None) -> _Batches:
-        clients = range(self.num_clients) if clients is None else clients
-        parts = [self.clients[k][split] for k in clients]
+    def _pooled(self, split: Split) -> _Batches:
+        parts = [self.clients[k][split] for k in range(self.num_clients)]
         index, image_present, text_present = (torch.cat(p) for p in zip(*parts, strict=True))
         return _Batches(self.pool, self.pool_tokens, index, image_present, text_present)
 
