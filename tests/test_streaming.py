@@ -199,6 +199,13 @@ def test_merge_refuses_other_kinds_and_consumed_accumulators() -> None:
     for use in (lambda: acc.add(make_updates()[0]), lambda: agg.finish(acc), lambda: agg.begin(previous).merge(acc)):
         with pytest.raises(RuntimeError, match="finish consumes it"):
             use()
+    # a merge consumes the merged accumulator: its sums now count in the other one
+    part, whole = stream(agg, previous, make_updates()[:2]), agg.begin(previous)
+    whole.merge(part)
+    with pytest.raises(RuntimeError, match="begin a new one"):
+        whole.merge(part)
+    with pytest.raises(ValueError, match="into itself"):
+        whole.merge(whole)
 
 
 def test_weights_are_accumulated_sample_counts_per_dimension() -> None:

@@ -23,6 +23,7 @@ masked (secure) sums work on.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ class ClientUpdate:
         return nbytes(self.lora) + nbytes(self.extra)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def rank_axis(key: str) -> int:
     """The rank axis of a LoRA tensor, by its peft name: 0 for ``lora_A``, 1 for ``lora_B``."""
     if ".lora_A." in key or key.startswith("lora_A."):
@@ -110,19 +112,21 @@ def check_state(
         missing, unexpected = sorted(like.keys() - state.keys()), sorted(state.keys() - like.keys())
         raise ValueError(f"{source}: tensors do not match the global ones (missing {missing}, unexpected {unexpected})")
     for key, ref in like.items():
-        shape, expected = tuple(state[key].shape), list(ref.shape)
-        if ranked and len(shape) == 2 and len(expected) == 2:
+        shape, full = state[key].shape, ref.shape
+        if ranked and len(shape) == 2 and len(full) == 2:  # runs once per tensor per update: kept lean
             axis = rank_axis(key)
             got = shape[axis]
-            fits = got == rank if rank is not None else 0 < got <= expected[axis]
-            if fits and got <= expected[axis]:
-                expected[axis] = got
-            else:
-                want = f"rank {rank}" if rank is not None else f"at most rank {expected[axis]}"
-                glob = list(ref.shape)
-                raise ValueError(f"{source}: {key} has {got} rank dimensions, expected {want} (global: {glob})")
-        if shape != tuple(expected):
-            raise ValueError(f"{source}: {key} has shape {shape}, expected {tuple(expected)}")
+            if (got != rank if rank is not None else got <= 0) or got > full[axis]:
+                want = f"rank {rank}" if rank is not None else f"at most rank {full[axis]}"
+                raise ValueError(f"{source}: {key} has {got} rank dimensions, expected {want} (global: {list(full)})")
+            if shape[1 - axis] == full[1 - axis]:
+                continue
+            expected = (got, full[1]) if axis == 0 else (full[0], got)
+        elif shape == full:
+            continue
+        else:
+            expected = tuple(full)
+        raise ValueError(f"{source}: {key} has shape {tuple(shape)}, expected {expected}")
 
 
 @dataclass
@@ -150,12 +154,20 @@ class WeightedSums:
         size = max((v.shape[rank_axis(k)] for k, v in like.items()), default=0) if ranked else 1
         return cls(sums, torch.zeros(size, dtype=torch.float64), ranked, {k: v.dtype for k, v in like.items()})
 
-    def add(self, state: Mapping[str, Tensor], weight: float, covers: int | None = None, source: str = "") -> None:
+    def add(
+        self,
+        state: Mapping[str, Tensor],
+        weight: float,
+        covers: int | None = None,
+        source: str = "",
+        check: bool = True,
+    ) -> None:
         """sums += weight * state, each tensor into its first rank dimensions; weight[:covers] += weight.
 
         ``covers``: the rank dimensions the contribution counts for. The update's rank (dimension-wise
         averaging; every tensor must have exactly that rank) or None: every dimension, those the update
-        lacks counting as zeros (zero padding). Ignored with ``ranked=False``.
+        lacks counting as zeros (zero padding). Ignored with ``ranked=False``. ``check=False``: the caller
+        has already checked ``state`` with :func:`check_state`.
         """
         self._usable()
         weight = float(weight)
@@ -164,7 +176,8 @@ class WeightedSums:
         covers = covers if self.ranked else None
         if covers is not None and not 0 < covers <= self.weight.numel():
             raise ValueError(f"{source}: rank {covers} outside 1..{self.weight.numel()} (the global rank)")
-        check_state(self.sums, state, covers, self.ranked, source)
+        if check:
+            check_state(self.sums, state, covers, self.ranked, source)
         if weight > 0:
             for key, total in self.sums.items():
                 tensor = state[key].to(total.device)
@@ -287,7 +300,7 @@ class Accumulator:
             check_state(self.extra.sums, update.extra, None, False, source)
         self._add_lora(update, source)
         if self.extra is not None:
-            self.extra.add(update.extra, update.num_samples, source=source)
+            self.extra.add(update.extra, update.num_samples, source=source, check=False)
         self.count += 1
         self.num_samples += update.num_samples
         return self
@@ -297,6 +310,8 @@ class Accumulator:
         other._open()
         if type(other) is not type(self):
             raise TypeError(f"cannot merge a {type(other).__name__} into a {type(self).__name__}")
+        if other is self:
+            raise ValueError("cannot merge an accumulator into itself")
         if (self.extra is None) != (other.extra is None):
             raise ValueError("cannot merge an accumulator of the heads with one without them")
         self._merge_lora(other)
@@ -304,6 +319,7 @@ class Accumulator:
             self.extra.merge(other.extra)
         self.count += other.count
         self.num_samples += other.num_samples
+        other.closed = True  # its sums are now counted here
         return self
 
     def close(self) -> None:
@@ -342,7 +358,7 @@ class DimensionAccumulator(Accumulator):
 
     def _add_lora(self, update: ClientUpdate, source: str) -> None:
         weight, covers = self.contribution(update)
-        self.lora.add(update.lora, weight, covers, source)
+        self.lora.add(update.lora, weight, covers, source, check=False)  # checked by add, at the update's rank
 
     def _merge_lora(self, other: Accumulator) -> None:
         self.lora.merge(other.lora)
