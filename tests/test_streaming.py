@@ -399,3 +399,14 @@ def test_weighted_sums_refuse_bad_weights() -> None:
     for weight in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="must be finite and >= 0"):
             sums.add(make_lora(2, 1), weight, covers=2, source="client 3")
+
+
+def test_half_precision_updates_are_summed_in_float32() -> None:
+    # 300 bfloat16 ones: a bfloat16 running sum stalls at 256 (8 significant bits), a float32 one does not
+    key = "m.lora_A.weight"
+    sums = WeightedSums.zeros({key: torch.zeros(2, 3, dtype=torch.bfloat16)})
+    for _ in range(300):
+        sums.add({key: torch.ones(2, 3, dtype=torch.bfloat16)}, 1.0, covers=2)
+    assert sums.sums[key].dtype == torch.float32
+    averaged = sums.average({key: torch.zeros(2, 3, dtype=torch.bfloat16)})[key]
+    assert averaged.dtype == torch.bfloat16 and torch.equal(averaged, torch.ones(2, 3, dtype=torch.bfloat16))

@@ -158,9 +158,10 @@ def lora_deltas(lora: Mapping[str, Tensor], scale: float = 1.0) -> State:
 
 
 class ProductAccumulator(Accumulator):
-    """FLoRA's stack in streaming form: per module sum_k n_k s B_k A_k (``[d_out, d_in]``), the product
-    the base merge needs, added as each update arrives. The stack itself (rank sum_k r_k: appending
-    sqrt-free [n_k A_k; ...] and [B_k, ...]) is what a real FLoRA server sends; here its size is counted."""
+    """FLoRA in streaming form: per module sum_k n_k s B_k A_k (``[d_out, d_in]``, one ``addmm_`` per
+    update), the product the base merge needs; ``finish`` divides by N = sum_k n_k. The stack itself
+    (rank sum_k r_k, grown by appending n_k A_k and B_k, scaled by 1/N at the end) is what a real FLoRA
+    server sends to every client; here only its size is counted."""
 
     def __init__(
         self, previous: Mapping[str, Tensor], previous_extra: Mapping[str, Tensor] | None = None, scale: float = 1.0
