@@ -315,7 +315,7 @@ def test_a_training_pool_of_one_class_is_a_clear_error(tmp_path):
     path = make_table(tmp_path)
     _relabel(path, "cat")
     dm = FederatedDataModule(dataset=table(path, classes=["cat", "dog"]), num_clients=2, tokenizer="fedilora-tiny")
-    with pytest.raises(DataError, match=r"every one of the 10 training samples has the label 0; .* at least 2 classes"):
+    with pytest.raises(DataError, match=r"every one of the 10 training samples has the label 0 \('cat'\); "):
         dm.setup()
 
     memes = make_hateful_memes(tmp_path / "hm")

@@ -38,7 +38,8 @@ def tokenizer_input(text: str, max_chars: int) -> str:
     """``text`` cut to at most ``max_chars`` characters for a tokenizer that keeps only its first tokens.
 
     The tokenizer truncates a long text to its context length anyway, but tokenizes all of it first,
-    and open_clip's BPE takes time quadratic in a word's length (a 32 KiB word without spaces: 40 s).
+    and open_clip's BPE takes time quadratic in a word's length (a 32 kB word without spaces: 23 s of
+    CPU here).
     Whitespace runs are collapsed (as the tokenizers do) and the cut falls on a space when one lies in
     the last quarter of the kept span, so a text with ordinary spacing keeps every token the tokenizer
     would keep; a "word" longer than that (a base64 blob, say) is cut inside the word.
@@ -243,7 +244,12 @@ class FederatedDataModule(L.LightningDataModule):
         labels = pool.labels
         present = labels.unique().numel() if labels.dim() == 1 else int((labels.sum(dim=0) > 0).sum())
         if present < 2:
-            what = f"the label {labels.flatten()[0].item()}" if labels.dim() == 1 else f"{present} label(s) in all"
+            if labels.dim() == 1:
+                label = int(labels[0])
+                classes = getattr(self.dataset, "classes", None)
+                what = f"the label {label}" + (f" ({classes[label]!r})" if classes else "")
+            else:
+                what = f"{present} label(s) in all"
             raise DataError(
                 f"{name}: every one of the {len(pool)} training samples has {what}; a classifier needs samples of "
                 "at least 2 classes (check the label column and data.dataset.classes)"

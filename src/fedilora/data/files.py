@@ -234,7 +234,7 @@ class FileSource(MultimodalSource):
             number skipped per split is logged (and kept in ``skipped``).
         check_images: How images are checked when the dataset is loaded: ``exists`` (the file is
             there), ``header`` (PIL recognises the file; a truncated file passes), ``decode`` (every
-            image decodes as training decodes it; about 2 ms per JPEG here, minutes on Food-101) or
+            image decodes as training decodes it; 1.2 ms of CPU per JPEG, 6 ms per PNG here) or
             ``auto`` (default): ``decode`` under ``on_bad_sample: skip`` (a sample can only be skipped
             at load time), ``header`` under ``error``. An image that fails later, while training,
             stops the run with a ``DataError`` naming its file, line and client split.
