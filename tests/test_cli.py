@@ -1,6 +1,10 @@
+import pickle
+
 import pytest
+import torch
 import yaml
 
+from fedilora.checkpoint import digest
 from fedilora.cli import main
 
 DEMO = "configs/demo.yaml"
@@ -140,3 +144,114 @@ def test_missing_config_file(capsys):
         main(["fit", "--config", "configs/no_such.yaml"])
     assert exit_info.value.code == 2
     assert "no_such.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("files", "args", "where"),
+    [
+        ({"bad.yaml": "trainer:\n  rounds: 3\n  ranks: [1, 2\nmodel:\n  lr: 1\n"}, ["--config", "bad.yaml"],
+         "bad.yaml, line 4, column 6: invalid YAML: did not find expected ',' or ']' (while parsing a flow sequence "
+         "at line 3, column 10)"),
+        ({"outer.yaml": "model: inner.yaml\n", "inner.yaml": "lr: 0.1\n  weight_decay: 0\n"},
+         ["--config", "outer.yaml"], "inner.yaml, line 2, column 15: invalid YAML: mapping values are not allowed"),
+        ({"model.yaml": "lr: [1\n"}, ["--model", "model.yaml"], "model.yaml, line 2, column 1: invalid YAML: "),
+    ],
+    ids=["config", "nested", "group"],
+)  # fmt: skip
+def test_malformed_yaml_is_one_line_naming_the_file_line_and_column(capsys, tmp_path, files, args, where):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    args = [str(tmp_path / a) if a in files else a for a in args]
+    code, _, err = _run(capsys, *args)
+    lines = err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1, err  # no usage
+    assert lines[0].startswith(f"fedilora: error: {tmp_path}/{where}"), err
+
+
+SMALL = ["--trainer.rounds", "1", "--trainer.max_local_steps", "1", "--trainer.progress", "false",
+         "--data.dataset.init_args.num_train", "200", "--data.dataset.init_args.num_test", "60"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(tmp_path_factory):
+    """A checkpoint written by ``fedilora fit`` (1 round of the demo config on 200 samples)."""
+    root = tmp_path_factory.mktemp("cli_runs")
+    main(["fit", "--config", DEMO, *SMALL, "--trainer.root_dir", str(root)])
+    path = root / "demo" / "version_0" / "checkpoints" / "round-0001.ckpt"
+    assert path.is_file()
+    return root, path
+
+
+class Evil:
+    """A pickle that would create ``marker`` when unpickled (``open(marker, "w")``)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def _flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0xFF]) + data[index + 1 :]
+
+
+DAMAGED = {
+    "truncated": lambda data, marker, path: path.write_bytes(data[: len(data) // 2]),
+    "empty": lambda data, marker, path: path.write_bytes(b""),
+    "pickle byte flipped": lambda data, marker, path: path.write_bytes(_flip(data, data.index(b"data.pkl") + 60)),
+    "zip directory byte flipped": lambda data, marker, path: path.write_bytes(
+        _flip(data, data.rindex(b"PK\x01\x02") + 46)  # the first letter of a name in the central directory
+    ),
+    "text file": lambda data, marker, path: path.write_text("global_lora: 1\n"),
+    "malicious pickle in a zip": lambda data, marker, path: torch.save({"format": "x", "x": Evil(marker)}, path),
+    "malicious raw pickle": lambda data, marker, path: path.write_bytes(pickle.dumps(Evil(marker))),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED)
+def test_a_damaged_or_hostile_checkpoint_by_path_is_one_line(capsys, tmp_path, cli_checkpoint, damage):
+    root, good = cli_checkpoint
+    marker, path = tmp_path / "pwned", tmp_path / "round-0001.ckpt"
+    DAMAGED[damage](good.read_bytes(), marker, path)
+    code, _, err = _run(capsys, *SMALL, "--trainer.root_dir", str(root), "--ckpt_path", str(path))
+    assert code == 2
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("fedilora: error:")]
+    assert line.startswith(f"fedilora: error: --ckpt_path: {path} is ")
+    assert not marker.exists()  # nothing in the file ran
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--model.lr", "0.002"], "model.lr: checkpoint 0.001, config 0.002"),
+        (["--data.missing_rate", "0.5"], "data.missing_rate: checkpoint 0.4, config 0.5"),
+        (["--trainer.seed", "1"], "trainer.seed: checkpoint 0, config 1"),
+    ],
+)
+def test_a_resume_with_another_config_names_the_key(capsys, cli_checkpoint, args, expected):
+    root, path = cli_checkpoint
+    code, _, err = _run(capsys, *SMALL, "--trainer.root_dir", str(root), "--ckpt_path", "last", *args)
+    assert code == 2 and f"--ckpt_path: {path} was written by a different configuration ({expected})" in err
+
+
+def test_hyper_parameters_in_a_checkpoint_do_not_change_the_config(capsys, tmp_path, cli_checkpoint):
+    _, good = cli_checkpoint
+    path = tmp_path / "round-0001.ckpt"
+    content = torch.load(good, weights_only=True)
+    content.pop("digest")
+    content["hyper_parameters"] = {"lr": 7.5}  # what LightningCLI merges into the config of a Lightning checkpoint
+    content["digest"] = digest(content)
+    torch.save(content, path)
+    main(["fit", "--config", DEMO, *SMALL, "--trainer.root_dir", str(tmp_path), "--ckpt_path", str(path)])
+    assert "resumed from" in capsys.readouterr().out
+    config = yaml.safe_load((tmp_path / "demo" / "version_0" / "config.yaml").read_text())
+    assert config["model"]["lr"] == 0.001
+
+
+def test_export_has_an_overwrite_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "--overwrite" in capsys.readouterr().out

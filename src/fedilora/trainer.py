@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,15 @@ from tqdm.auto import tqdm
 
 from fedilora.aggregation import Aggregator, ClientUpdate, DimensionWise
 from fedilora.callbacks import FederatedCallback
-from fedilora.checkpoint import find_last, fingerprint_mismatch, load_checkpoint
+from fedilora.checkpoint import (
+    Stopped,
+    check_resumable,
+    find_last,
+    load_checkpoint,
+    make_fingerprint,
+    remove_stale_temporaries,
+    stop_at_a_safe_point,
+)
 from fedilora.client import Interrupted, fit_client
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError, RunFailed
@@ -102,6 +109,7 @@ class FederatedTrainer:
         name: str = "fedilora",
         progress: bool = True,
     ) -> None:
+        self.init_args = {k: v for k, v in locals().items() if k != "self"}  # fingerprinted in checkpoints
         for option, value, low in (
             ("rounds", rounds, 1),
             ("local_epochs", local_epochs, 1),
@@ -229,6 +237,7 @@ class FederatedTrainer:
         fabric = self.fabric
         ranks, per_round, global_rank = self._check(model, datamodule)
         fabric.launch()
+        remove_stale_temporaries(fabric, self.root_dir, self.name)
         fabric.seed_everything(self.seed)
         datamodule.setup("fit")
         model.configure_model()
@@ -291,16 +300,26 @@ class FederatedTrainer:
             raise RunFailed(problem, results)
         return results
 
-    def export(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str, out: str) -> Path:
+    def export(
+        self,
+        model: LoRACLIPClassifier,
+        datamodule: FederatedDataModule,
+        ckpt_path: str,
+        out: str,
+        overwrite: bool = False,
+    ) -> Path:
         """Write the global adapter and every client's personalized adapter of a checkpoint in peft's format.
 
         Args:
             ckpt_path: The checkpoint to export, or ``last`` for the newest one of ``root_dir/name``.
             out: Output folder: ``global/`` and ``clients/client_<k>/``, each with ``adapter_config.json``,
-                ``adapter_model.safetensors``, ``head.safetensors`` and ``fedilora.json``.
+                ``adapter_model.safetensors``, ``head.safetensors`` and ``fedilora.json``. It must be empty or new.
+            overwrite: Replace the files an earlier export wrote to ``out`` (listed in its
+                ``fedilora-export.json``); every other file there is kept.
         """
-        from fedilora.export import write_adapter
+        from fedilora.export import check_export_target, export_adapters
 
+        check_export_target(Path(out), overwrite)  # before the minutes a large model takes to build
         ranks, per_round, global_rank = self._check(model, datamodule)
         torch.manual_seed(self.seed)
         model.configure_model()
@@ -309,29 +328,16 @@ class FederatedTrainer:
         self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
         completed = self._restore(model, ckpt_path)
         root = Path(out)
-        try:
-            written = [write_adapter(model, global_rank, self.global_lora, self.global_extra, root / "global",
-                                     {"client": None, "completed_rounds": completed})]  # fmt: skip
-            for client, (rank, lora, extra) in sorted(self.personal.items()):
-                info = {"client": client, "completed_rounds": completed}
-                written.append(write_adapter(model, rank, lora, extra, root / "clients" / f"client_{client}", info))
-        except OSError as err:
-            raise ConfigError(f"--out: cannot write {root} ({err.strerror})") from None
+        written = export_adapters(model, root, (global_rank, self.global_lora, self.global_extra), self.personal,
+                                  completed_rounds=completed, backbone_seed=self.seed, overwrite=overwrite)  # fmt: skip
         self.fabric.print(f"exported {len(written)} adapters (global + {len(written) - 1} clients) to {root}")
         return root
 
     # ------------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, model, datamodule, ranks: list[int], global_rank: int) -> dict:
-        """What a checkpoint must agree on with the config resuming from it."""
-        return {
-            "ranks": ranks,
-            "global_lora_rank": global_rank,
-            "num_clients": datamodule.num_clients,
-            "model_name": model.model_name,
-            "aggregator": strategy_name(self.aggregator),
-            "lora": {k: list(v.shape) for k, v in self.global_lora.items()},
-            "extra": {k: list(v.shape) for k, v in self.global_extra.items()},
-        }
+        """What a checkpoint must agree on with the config resuming from it (see ``fedilora.checkpoint``)."""
+        return make_fingerprint(self.init_args, model, datamodule, self.config_yaml, self.global_lora,
+                                self.global_extra)  # fmt: skip
 
     def _state(self, model: LoRACLIPClassifier, completed_rounds: int) -> dict:
         """Everything needed to continue after ``completed_rounds`` rounds (references, not copies:
@@ -352,9 +358,7 @@ class FederatedTrainer:
     def _restore(self, model: LoRACLIPClassifier, ckpt_path: str) -> int:
         path = find_last(self.root_dir, self.name) if ckpt_path == "last" else Path(ckpt_path)
         state = load_checkpoint(self.fabric, path)
-        problem = fingerprint_mismatch(state["fingerprint"], self._fingerprint)
-        if problem is not None:
-            raise ConfigError(f"--ckpt_path: {path} was written by a different configuration ({problem})")
+        check_resumable(path, state, self._fingerprint, self.rounds)
         self.server.load_state_dict(state, self.fabric.device)
         model.load_base_weights(state["base_weights"])
         self.history = list(state["history"])
@@ -367,36 +371,17 @@ class FederatedTrainer:
         """Ctrl-C: keep the last completed round and say how to go on."""
         if self._snapshot is None:
             self.fabric.print("interrupted before the first round completed; nothing to save")
-            raise KeyboardInterrupt
+            raise Stopped(self._interrupted or signal.SIGINT)
         path = self.save_checkpoint(self._snapshot)
         self.fabric.print(
             f"interrupted: saved round {self._snapshot['completed_rounds']} to {path}\n"
             f"resume with the same command plus --ckpt_path {path} (or --ckpt_path last)"
         )
-        raise KeyboardInterrupt
+        raise Stopped(self._interrupted or signal.SIGINT)
 
     def _sigint_stops_at_a_safe_point(self):
-        """Ctrl-C sets a flag that the loop checks between optimizer steps; a second Ctrl-C stops at once."""
-        trainer = self
-
-        class _Handler:
-            def __enter__(self):
-                self.previous = None
-                if threading.current_thread() is threading.main_thread():
-                    self.previous = signal.signal(signal.SIGINT, self.handle)
-                return self
-
-            def handle(self, signum, frame):
-                if trainer._interrupted:
-                    raise KeyboardInterrupt
-                trainer._interrupted = True
-
-            def __exit__(self, *exc):
-                if self.previous is not None:
-                    signal.signal(signal.SIGINT, self.previous)
-                trainer._interrupted = False
-
-        return _Handler()
+        """Ctrl-C and SIGTERM set a flag that the loop checks between optimizer steps; a second one stops at once."""
+        return stop_at_a_safe_point(self)
 
     # ------------------------------------------------------------------------------ one round
     def _call(self, hook: str, **kwargs: Any) -> None:
