@@ -4,6 +4,7 @@ from fedilora.data.benchmarks import HatefulMemes, MMIMDb, UPMCFood101
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.data.files import FileSource, ImageFiles
 from fedilora.data.generic import MultimodalTable
+from fedilora.data.hf import HuggingFaceDataset
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.data.synthetic import SyntheticBenchmark
 
@@ -11,6 +12,7 @@ __all__ = [
     "FederatedDataModule",
     "FileSource",
     "HatefulMemes",
+    "HuggingFaceDataset",
     "ImageFiles",
     "MMIMDb",
     "MultimodalData",
