@@ -10,7 +10,7 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
 from datasets import Image as HFImage
 from PIL import Image
 
@@ -95,6 +95,21 @@ def test_parquet_files_with_path_column_multilabel_and_held_out_test(tmp_path):
         indices = [int(t.split()[1]) for t in data.texts]
         assert colour_class(data.images[torch.arange(len(data))]) == [i % 3 for i in indices]
     assert sorted(int(t.split()[1]) for t in pool.texts + test.texts) == list(range(10))
+
+
+def test_list_of_classlabel_is_multilabel_in_the_features_order(tmp_path):
+    genres = ["Drama", "Comedy", "Action"]  # not sorted: the feature's order is the target order
+    features = Features({"poster": HFImage(), "plot": Value("string"),
+                         "genres": getattr(datasets, "List", Sequence)(ClassLabel(names=genres))})  # fmt: skip
+    tags = [[0, 2], [1], [], [2, 1, 0]]
+    split = Dataset.from_dict({"poster": [{"bytes": png(COLOURS[i % 3]), "path": None} for i in range(4)],
+                               "plot": [f"plot {i}" for i in range(4)], "genres": tags}, features=features)  # fmt: skip
+    DatasetDict(train=split, test=split).save_to_disk(str(tmp_path / "mm"))
+    source = HuggingFaceDataset(str(tmp_path / "mm"), task="multilabel", image_column="poster", text_column="plot",
+                                label_column="genres", image_size=16)  # fmt: skip
+    assert source.classes == genres
+    pool, _ = source.load()
+    assert pool.labels.tolist() == [[1, 0, 1], [0, 1, 0], [0, 0, 0], [1, 1, 1]]
 
 
 @pytest.mark.parametrize("metadata", ["csv", "jsonl"])
@@ -246,14 +261,17 @@ def test_datamodule_partitions_an_hf_dataset_and_decodes_only_present_images(tmp
 
 def hub_hateful_memes(root: Path) -> Path:
     """The layout of the Hub dataset biecho/hateful_memes, saved with save_to_disk: splits train,
-    dev_seen, dev_unseen, test_seen, test_unseen; columns id, image, text, label (int 0/1)."""
+    dev_seen, dev_unseen, test_seen, test_unseen; columns id, image, text, label (int 0/1); one dev_seen
+    meme without its image, as in that copy."""
     features = Features({"id": Value("string"), "image": HFImage(), "text": Value("string"), "label": Value("int64")})
     splits = {}
     for k, (split, n) in enumerate((("train", 16), ("dev_seen", 4), ("dev_unseen", 4), ("test_seen", 8),
                                     ("test_unseen", 4))):  # fmt: skip
         ids = [f"{k}{i:04d}" for i in range(n)]
-        splits[split] = Dataset.from_dict({"id": ids, "image": [{"bytes": png(COLOURS[i % 2]), "path": None}
-                                                                for i in range(n)],
+        images = [{"bytes": png(COLOURS[i % 2]), "path": None} for i in range(n)]
+        if split == "dev_seen":
+            images[3] = None  # that copy lacks some dev images
+        splits[split] = Dataset.from_dict({"id": ids, "image": images,
                                            "text": [f"meme {x}" for x in ids], "label": [i % 2 for i in range(n)]},
                                           features=features)  # fmt: skip
     DatasetDict(splits).save_to_disk(str(root))
@@ -275,6 +293,10 @@ def test_one_federated_round_through_the_cli_with_the_hub_hateful_memes_config(t
         assert list(values)[:2] == ["auroc", "acc"]
     assert results["personalized_clients"] == 2
     assert "| auroc" in capsys.readouterr().out
-    source = HuggingFaceDataset(str(root), train_split=["train", "dev_seen"], test_split="test_seen", task="binary")
+    source = HuggingFaceDataset(str(root), train_split=["train", "dev_seen"], test_split="test_seen", task="binary",
+                                on_bad_sample="skip")  # fmt: skip
     pool, test = source.load()
-    assert (len(pool), len(test)) == (20, 8)  # train + dev_seen pooled, test_seen the global test set
+    assert (len(pool), len(test)) == (19, 8)  # train + dev_seen pooled, less the meme without image
+    assert source.skipped == {"train": 1, "test": 0}
+    with pytest.raises(ConfigError, match=r"split 'dev_seen' row 3: no image \(column 'image'\)"):
+        HuggingFaceDataset(str(root), train_split=["train", "dev_seen"], test_split="test_seen", task="binary").load()
