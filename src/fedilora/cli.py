@@ -84,7 +84,7 @@ class _Parser(LightningArgumentParser):
 
 
 class FediLoRACLI(LightningCLI):
-    """LightningCLI whose ``trainer`` group is ``FederatedTrainer`` and whose only subcommand is ``fit``."""
+    """LightningCLI whose ``trainer`` group is ``FederatedTrainer``; subcommands ``fit``, ``export``, ``validate``."""
 
     def __init__(self, args: Any = None, run: bool = True) -> None:
         super().__init__(
@@ -101,7 +101,7 @@ class FediLoRACLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        return {"fit": {"model", "datamodule"}, "export": {"model", "datamodule"}}
+        return {"fit": {"model", "datamodule"}, "export": {"model", "datamodule"}, "validate": {"model", "datamodule"}}
 
     def add_default_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """No ``--seed_everything``: ``trainer.seed`` drives every random choice of a run."""

@@ -35,7 +35,7 @@ from fedilora.checkpoint import (
     stop_at_a_safe_point,
 )
 from fedilora.client import Interrupted, fit_client
-from fedilora.data.datamodule import FederatedDataModule
+from fedilora.data.datamodule import Condition, FederatedDataModule
 from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.model import LoRACLIPClassifier, State
@@ -332,6 +332,29 @@ class FederatedTrainer:
                                   completed_rounds=completed, backbone_seed=self.seed, overwrite=overwrite)  # fmt: skip
         self.fabric.print(f"exported {len(written)} adapters (global + {len(written) - 1} clients) to {root}")
         return root
+
+    def validate(
+        self,
+        model: LoRACLIPClassifier,
+        datamodule: FederatedDataModule,
+        ckpt_path: str | None = None,
+        adapter: str | None = None,
+        conditions: list[Condition] | None = None,
+        out: str | None = None,
+    ) -> dict:
+        """Evaluate a checkpoint or an exported adapter on the data, without training (see ``fedilora.validate``).
+
+        Args:
+            ckpt_path: The checkpoint to evaluate, or ``last`` for the newest one of ``root_dir/name``.
+            adapter: Instead of a checkpoint: a folder written by ``fedilora export`` (its root, ``global/``
+                or ``clients/client_<k>/``).
+            conditions: Modality conditions of the global test set: ``complete``, ``image_only``,
+                ``text_only``, ``missing`` (the masks of ``data.test_missing_rate``). Default: as ``fit``.
+            out: Also write the results as JSON to this file.
+        """
+        from fedilora.validate import validate
+
+        return validate(self, model, datamodule, ckpt_path, adapter, conditions, out)
 
     # ------------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, model, datamodule, ranks: list[int], global_rank: int) -> dict:

@@ -5,6 +5,7 @@ from fedilora.data.datamodule import FederatedDataModule
 from fedilora.data.errors import DataError
 from fedilora.data.files import FileSource, ImageFiles
 from fedilora.data.generic import MultimodalTable
+from fedilora.data.hf import HuggingFaceDataset
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.data.synthetic import SyntheticBenchmark
 
@@ -13,6 +14,7 @@ __all__ = [
     "FederatedDataModule",
     "FileSource",
     "HatefulMemes",
+    "HuggingFaceDataset",
     "ImageFiles",
     "MMIMDb",
     "MultimodalData",

@@ -1,0 +1,299 @@
+"""``fedilora validate``: evaluate a trained federation without training.
+
+The models come from a checkpoint (``--ckpt_path``, ``last`` included) or from the folders that
+``fedilora export`` writes (``--adapter``); the data is any data group, partitioned as in ``fit``.
+The evaluation itself is the trainer's (``FederatedTrainer.evaluate``): the global model on the
+global test set under each chosen modality condition, and every client's personalized model on its
+own test split, printed as the same table as ``fedilora fit``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from fedilora.aggregation import rank_axis
+from fedilora.backbone import adapter_name
+from fedilora.checkpoint import find_last, load_checkpoint
+from fedilora.data.datamodule import CONDITIONS, Condition, FederatedDataModule
+from fedilora.errors import ConfigError
+from fedilora.evaluation import evaluate_global, evaluate_personalized
+from fedilora.model import LoRACLIPClassifier, State
+
+if TYPE_CHECKING:
+    from fedilora.trainer import FederatedTrainer
+
+_PEFT_PREFIX = "base_model.model."
+ALL_CONDITIONS: tuple[Condition, ...] = (*CONDITIONS, "missing")
+
+
+@dataclass
+class Models:
+    """What is evaluated: the global state and the clients' personalized states, ``(rank, lora, extra)``."""
+
+    source: str
+    global_rank: int
+    global_state: tuple[State, State] | None
+    personal: dict[int, tuple[int, State, State]]
+    completed_rounds: int
+    client_ranks: list[int]
+    aggregator: str | None = None  # the run's strategy and model, where the source records them (checkpoints)
+    model_name: str | None = None
+    base_weights: dict[str, Tensor] = field(default_factory=dict)
+    head_out: int | None = None  # output width of the trained head (classes, or 1 for binary)
+    metas: list[tuple[Path, dict]] = field(default_factory=list)  # each exported folder's fedilora.json
+
+    @property
+    def ranks(self) -> list[int]:
+        return sorted({self.global_rank, *(rank for rank, _, _ in self.personal.values())})
+
+
+# ------------------------------------------------------------------------------------- sources
+def from_checkpoint(trainer: FederatedTrainer, ckpt_path: str) -> Models:
+    path = find_last(trainer.root_dir, trainer.name) if ckpt_path == "last" else Path(ckpt_path)
+    state = load_checkpoint(trainer.fabric, path)
+    config = state["fingerprint"]["config"]  # the run's resolved config, flat: {"trainer.seed": 0, ...}
+    personal = {int(c): (p["rank"], p["lora"], p["extra"]) for c, p in state["personal"].items()}
+    global_rank = max(v.shape[0] for k, v in state["global_lora"].items() if rank_axis(k) == 0)
+    ranks = config.get("trainer.ranks", global_rank)
+    aggregator = config.get("trainer.aggregator.class_path", config.get("trainer.aggregator"))
+    models = Models(
+        source=str(path),
+        global_rank=global_rank,
+        global_state=(state["global_lora"], state["global_extra"]),
+        personal=personal,
+        completed_rounds=state["completed_rounds"],
+        client_ranks=list(ranks) if isinstance(ranks, list) else [ranks] * int(config.get("data.num_clients", 1)),
+        aggregator=str(aggregator).rsplit(".", 1)[-1] if aggregator else None,
+        model_name=config.get("model.model_name"),
+        base_weights=state["base_weights"],
+        head_out=_head_out(state["global_extra"]),
+    )
+    return models
+
+
+def from_adapter(adapter: str) -> Models:
+    """An exported adapter folder (``global/`` or ``clients/client_<k>/``), or the export root holding both."""
+    root = Path(adapter).expanduser()
+    if (root / "global" / "adapter_config.json").is_file():
+        folders = [root / "global", *sorted((root / "clients").glob("client_*"))]
+    elif (root / "adapter_config.json").is_file():
+        folders = [root]
+    else:
+        raise ConfigError(
+            f"--adapter: {root} is not an exported adapter (no adapter_config.json, no global/adapter_config.json); "
+            "give a folder written by `fedilora export`"
+        )
+    global_state, personal, metas = None, {}, []
+    for folder in folders:
+        meta, rank, lora, extra = _read_adapter(folder)
+        metas.append((folder, meta))
+        if meta.get("client") is None:
+            global_state, global_rank = (lora, extra), rank
+        else:
+            personal[int(meta["client"])] = (rank, lora, extra)
+    if global_state is None:  # a single client's adapter: it is also the model on the global test set
+        (global_rank, *only), = personal.values()  # fmt: skip
+        global_state = tuple(only)  # type: ignore[assignment]
+    return Models(
+        source=str(root),
+        global_rank=global_rank,
+        global_state=global_state,  # type: ignore[arg-type]
+        personal=personal,
+        completed_rounds=int(metas[0][1].get("completed_rounds") or 0),
+        client_ranks=[personal[c][0] for c in sorted(personal)] or [global_rank],
+        head_out=_head_out(global_state[1]),  # type: ignore[index]
+        metas=metas,
+    )
+
+
+def _read_adapter(folder: Path) -> tuple[dict, int, State, State]:
+    from peft.utils import load_peft_weights
+
+    from fedilora.export import load_head
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "fedilora.json"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"--adapter: {folder} has no {name} (an export writes all four files)")
+    try:
+        meta = json.loads((folder / "fedilora.json").read_text())
+        config = json.loads((folder / "adapter_config.json").read_text())
+        lora = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_peft_weights(str(folder), device="cpu").items()}
+        extra = load_head(folder)
+    except Exception as err:  # bad JSON, truncated safetensors: a damaged export
+        raise ConfigError(f"--adapter: {folder} cannot be read ({type(err).__name__}: {err})") from None
+    meta["lora_alpha"] = config.get("lora_alpha")
+    return meta, int(config["r"]), lora, extra
+
+
+def _head_out(extra: Mapping[str, Tensor]) -> int | None:
+    """Output width of the head's last linear layer (``head.<i>.weight`` with the largest i)."""
+    layers = [(int(k.split(".")[1]), v) for k, v in extra.items() if k.startswith("head.") and k.endswith(".weight")]
+    return int(max(layers, key=lambda item: item[0])[1].shape[0]) if layers else None
+
+
+# ------------------------------------------------------------------------------------- checks
+def _check(trainer: FederatedTrainer, model: LoRACLIPClassifier, datamodule: FederatedDataModule, models: Models):
+    where = f"--ckpt_path {models.source}" if models.aggregator else f"--adapter {models.source}"
+    if model.num_classes != datamodule.num_classes or model.task != datamodule.task:
+        raise ConfigError(
+            f"model.num_classes/task ({model.num_classes}, {model.task}) do not match the data "
+            f"({datamodule.num_classes}, {datamodule.task})"
+        )
+    expected = 1 if model.task == "binary" else model.num_classes
+    if models.head_out is not None and models.head_out != expected:
+        trained = "2 classes (binary)" if models.head_out == 1 else f"{models.head_out} outputs"
+        raise ConfigError(
+            f"{where}: the model was trained for {trained}; the data has {datamodule.num_classes} classes "
+            f"({datamodule.task}): validate on data with the classes the model was trained on"
+        )
+    if models.model_name is not None and models.model_name != model.model_name:
+        raise ConfigError(
+            f"{where}: trained with model.model_name {models.model_name!r}, this config has {model.model_name!r}"
+        )
+    strategy = type(trainer.aggregator).__name__.removeprefix("LazyInstance_")
+    if models.aggregator is not None and models.aggregator != strategy:
+        raise ConfigError(
+            f"{where}: written by a {models.aggregator} run, this config's trainer.aggregator is {strategy}; "
+            "use the run's config (its config.yaml)"
+        )
+    for folder, meta in models.metas:
+        for option in ("model_name", "pretrained", "num_classes", "task", "missing_strategy", "head_hidden",
+                       "lora_scale"):  # fmt: skip
+            if option in meta and meta[option] != getattr(model, option):
+                if option in ("num_classes", "task"):
+                    raise ConfigError(
+                        f"--adapter {folder}: the model was trained for {meta['num_classes']} classes "
+                        f"({meta['task']}); the data has {datamodule.num_classes} classes ({datamodule.task}): "
+                        "validate on data with the classes the model was trained on"
+                    )
+                raise ConfigError(
+                    f"--adapter {folder}: exported with model.{option} {meta[option]!r}, this config has "
+                    f"{getattr(model, option)!r}"
+                )
+    if models.aggregator is None and getattr(trainer.aggregator, "merges_into_base", False):
+        raise ConfigError(
+            f"--adapter {models.source}: {strategy} merges its adapter into the frozen base weights every round and "
+            "an export does not hold them; validate the run's checkpoint (--ckpt_path) instead"
+        )
+
+
+def _load_into(model: LoRACLIPClassifier, models: Models, where: str) -> None:
+    """Give the model an adapter per rank and check that every state fits it (one clear error if not)."""
+    model.add_ranks(models.ranks)
+    model.load_base_weights(models.base_weights)
+    states = ([(models.global_rank, *models.global_state)] if models.global_state else []) + list(
+        models.personal.values()
+    )
+    for rank, lora, extra in states:
+        own_lora, own_extra = model.lora_state(rank), model.extra_state()
+        for kind, own, theirs in (("LoRA", own_lora, lora), ("head", own_extra, extra)):
+            if own.keys() != theirs.keys() or any(own[k].shape != theirs[k].shape for k in own):
+                differ = sorted(own.keys() ^ theirs.keys()) or [k for k in own if own[k].shape != theirs[k].shape]
+                raise ConfigError(
+                    f"{where}: its rank-{rank} {kind} tensors do not fit this model (e.g. {differ[0]}); the model "
+                    "group (model_name, lora_targets, lora_towers, missing_strategy, head_hidden) must be the run's"
+                )
+    for folder, meta in models.metas:
+        alpha = model.backbone.peft_config[adapter_name(meta["rank"])].lora_alpha
+        if meta.get("lora_alpha") is not None and float(meta["lora_alpha"]) != float(alpha):
+            raise ConfigError(
+                f"--adapter {folder}: exported with lora_alpha {meta['lora_alpha']}, this config gives {alpha} at "
+                f"rank {meta['rank']} (model.lora_scale / model.lora_alpha must be the run's)"
+            )
+
+
+# ----------------------------------------------------------------------------------- evaluate
+class _Conditions:
+    """The datamodule, reporting only the chosen modality conditions to the trainer's evaluation."""
+
+    def __init__(self, datamodule: FederatedDataModule, conditions: Sequence[Condition]) -> None:
+        self._datamodule, self._conditions = datamodule, tuple(conditions)
+
+    def conditions(self) -> tuple[Condition, ...]:
+        return self._conditions
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._datamodule, name)
+
+
+def validate(
+    trainer: FederatedTrainer,
+    model: LoRACLIPClassifier,
+    datamodule: FederatedDataModule,
+    ckpt_path: str | None = None,
+    adapter: str | None = None,
+    conditions: Sequence[Condition] | None = None,
+    out: str | None = None,
+) -> dict:
+    """Evaluate a checkpoint or an exported adapter on ``datamodule``; print and return the results."""
+    from fedilora.output import format_results
+
+    if (ckpt_path is None) == (adapter is None):
+        raise ConfigError("validate: give exactly one of --ckpt_path (a checkpoint, or last) and --adapter (an export)")
+    chosen = tuple(conditions) if conditions else datamodule.conditions()
+    unknown = [c for c in chosen if c not in ALL_CONDITIONS]
+    if unknown:
+        raise ConfigError(f"--conditions: unknown {unknown[0]!r}; allowed: {', '.join(ALL_CONDITIONS)}")
+    if "missing" in chosen and datamodule.test_missing_rate == 0:
+        raise ConfigError("--conditions missing: set --data.test_missing_rate above 0 (the rate of that condition)")
+    models = from_checkpoint(trainer, ckpt_path) if ckpt_path is not None else from_adapter(adapter)
+    _check(trainer, model, datamodule, models)
+    fabric = trainer.fabric
+    fabric.launch()
+    fabric.seed_everything(trainer.seed)  # as fit: the same random backbone where pretrained is null
+    datamodule.setup("validate")
+    model.configure_model()
+    _load_into(model, models, f"--ckpt_path {models.source}" if ckpt_path is not None else f"--adapter {adapter}")
+    model.to(fabric.device)
+    device = fabric.device
+    to = lambda state: {k: v.to(device) for k, v in state.items()}  # noqa: E731
+    # personalized models only where this data gives the client a test split
+    personal = {
+        c: (rank, to(lora), to(extra))
+        for c, (rank, lora, extra) in models.personal.items()
+        if c < datamodule.num_clients
+    }
+    shares = trainer.aggregator.communicates or trainer.aggregator.pooled
+    if models.global_state is not None and shares:
+        global_models = [(models.global_rank, *(to(s) for s in models.global_state))]
+    else:  # ``Local`` shares nothing: as in fit, its global figures are the mean over the clients' models
+        global_models = list(personal.values())
+    started = time.perf_counter()
+    metrics = evaluate_global(model, fabric, _Conditions(datamodule, chosen), global_models)
+    metrics.update(evaluate_personalized(model, fabric, datamodule, personal))
+    if not any(k.startswith("global/") for k in metrics):
+        raise ConfigError(
+            f"{models.source}: no global model to evaluate ({type(trainer.aggregator).__name__} keeps only the "
+            "clients' models; give the export root with its clients/, or the checkpoint)"
+        )
+    results = {
+        "aggregator": type(trainer.aggregator).__name__.removeprefix("LazyInstance_"),
+        "callbacks": [type(c).__name__.removeprefix("LazyInstance_") for c in trainer.callbacks],
+        "rounds": models.completed_rounds,
+        "num_clients": datamodule.num_clients,
+        "ranks": models.client_ranks,
+        "global": {c: {k.split("/")[2]: v for k, v in metrics.items() if k.startswith(f"global/{c}/")} for c in chosen},
+        "personalized": {k.split("/")[2]: v for k, v in metrics.items() if k.startswith("personalized/mean/")},
+        "personalized_clients": int(metrics.get("personalized/num_clients", 0)),
+        "wall_time_s": time.perf_counter() - started,
+        "log_dir": models.source,
+        "source": models.source,
+        "metrics": metrics,
+    }
+    if fabric.is_global_zero:
+        table = format_results(results).rsplit("\n", 1)[0]  # its last line names the run's logs
+        fabric.print(f"{table}\nevaluated: {models.source} ({models.completed_rounds} rounds trained)")
+        if out is not None:
+            try:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
+                Path(out).write_text(json.dumps(results, indent=2))
+            except OSError as err:
+                raise ConfigError(f"--out: cannot write {out} ({err.strerror})") from None
+    return results
