@@ -7,10 +7,13 @@ the same model and data from it, plus what its node config says (``partition-id`
 
 from __future__ import annotations
 
+import os
 import shlex
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser
 
 from fedilora.cli import FediLoRACLI
@@ -38,6 +41,14 @@ def _cli(trainer_class: type[FederatedTrainer]) -> type[FediLoRACLI]:
     return _CLI
 
 
+def set_threads() -> None:
+    """Torch threads from ``FEDILORA_FLOWER_THREADS`` (unset or 0: torch's default). CPU kernels may sum
+    in another order with another thread count: bit-equal runs need the same count everywhere."""
+    threads = int(os.environ.get("FEDILORA_FLOWER_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def resolve_path(config: str, bases: list[Path]) -> Path:
     """``config`` as given if absolute, else the first of ``bases / config`` that exists."""
     path = Path(config).expanduser()
@@ -58,7 +69,9 @@ def parse(
     """
     extra = shlex.split(overrides) if isinstance(overrides, str) else list(overrides)
     try:
-        cli = _cli(trainer_class)(args=["--config", config, *extra], run=False)
+        with warnings.catch_warnings():  # it would print the process's argv: a Flower app's holds its token
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            cli = _cli(trainer_class)(args=["--config", config, *extra], run=False)
     except SystemExit as exit_:  # jsonargparse reports the problem on stderr and exits
         source = "the config sent by the server" if "\n" in config else config
         raise ConfigError(f"{source} with overrides {extra} does not parse (see the message above)") from exit_

@@ -110,6 +110,9 @@ class Federation:
         self.home = self.workdir / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = flower_env(self.home)
+        tmp = self.workdir / "tmp"  # keep-alive workers' sockets and logs stay in the workdir
+        tmp.mkdir(exist_ok=True)
+        self.env["TMPDIR"] = str(tmp)
 
     # ------------------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str]) -> Process:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
 
 from fedilora.aggregation import ClientUpdate, State
@@ -56,23 +56,20 @@ def info_from_json(text: str) -> dict[str, Any]:
     return {k: _revive(v) for k, v in json.loads(text).items()}
 
 
-def update_to_record(update: ClientUpdate) -> RecordDict:
-    return RecordDict(
-        {
-            "lora": to_arrays(update.lora),
-            "extra": to_arrays(update.extra),
-            "update": ConfigRecord(
-                {
-                    "client-id": update.client_id,
-                    "rank": update.rank,
-                    "num-samples": update.num_samples,
-                    "train-loss": float(update.train_loss),
-                    "info": info_to_json(update.info),
-                }
-            ),
-            "metrics": MetricRecord({k: float(v) for k, v in update.metrics.items()}),
-        }
-    )
+def reply_to_records(reply: Mapping[str, Mapping[str, Any]]) -> RecordDict:
+    """A client's reply (``fedilora.flower.client_work``: plain dicts per record kind) as Flower records."""
+    records: dict[str, ArrayRecord | ConfigRecord | MetricRecord] = {}
+    for name, arrays in reply.get("arrays", {}).items():
+        records[name] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    for name, values in reply.get("config", {}).items():
+        records[name] = ConfigRecord(dict(values))
+    for name, values in reply.get("metrics", {}).items():
+        records[name] = MetricRecord(dict(values))
+    return RecordDict(records)
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
 
 
 def update_from_record(content: RecordDict) -> ClientUpdate:

@@ -28,7 +28,7 @@ from fedilora.aggregation import ClientUpdate
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.evaluation import evaluate_global, personalized_summary
-from fedilora.flower.config import parse, resolve_path
+from fedilora.flower.config import parse, resolve_path, set_threads
 from fedilora.flower.records import to_arrays, update_from_record
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.server import Personal, strategy_name
@@ -176,10 +176,22 @@ class FlowerTrainer(FederatedTrainer):
         fatal = reply.content.config_records.get("fatal")
         if fatal is not None:  # a data error on the client stops the run, as in `fedilora fit`
             raise ConfigError(f"client {client}: {fatal['error']}")
+        process = reply.content.metric_records.get("process", {})
+        self._builds["built"] += float(process.get("built", 0.0))
+        self._builds["seconds"] += float(process.get("build-seconds", 0.0))
         update = update_from_record(reply.content)
         if (update.client_id, update.rank) != (client, rank):
             raise ClientLost(f"answered as client {update.client_id} of rank {update.rank}")
         return update
+
+    def _run_round(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, round_: int) -> dict[str, float]:
+        """The inherited round, plus how many client runtimes its TRAIN messages had to build (a fresh
+        ClientApp process builds one; a kept runtime does not) and the seconds they took."""
+        self._builds = {"built": 0.0, "seconds": 0.0}
+        metrics = super()._run_round(model, datamodule, round_)
+        metrics["flower/client_builds"] = self._builds["built"]
+        metrics["flower/client_build_s"] = self._builds["seconds"]
+        return metrics
 
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:
         metrics = evaluate_global(model, self.fabric, datamodule, self.server.global_models())
@@ -197,6 +209,9 @@ class FlowerTrainer(FederatedTrainer):
             if problem is not None:
                 self.fabric.print(f"warning: client {client}: personalized evaluation left out ({problem})")
                 continue
+            fatal = reply.content.config_records.get("fatal")
+            if fatal is not None:
+                raise ConfigError(f"client {client}: {fatal['error']}")
             if reply.content.config_records["evaluation"]["evaluated"]:
                 per_client[client] = dict(reply.content.metric_records["metrics"])
         metrics.update(personalized_summary(per_client))
@@ -211,6 +226,7 @@ def main(grid: Grid, context: Context) -> None:
     """One federated run from the run config: ``config`` (the YAML of ``fedilora fit``), ``overrides``
     (more ``fedilora fit`` arguments), ``ckpt-path`` (resume), ``node-timeout``, ``round-timeout``."""
     run_config = context.run_config
+    set_threads()
     path = resolve_path(str(run_config["config"]), [Path.cwd()])
     parsed = parse(str(path), str(run_config.get("overrides", "")), trainer_class=FlowerTrainer)
     trainer: FlowerTrainer = parsed.trainer
