@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -50,7 +52,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _executable(name: str) -> str:
+def executable(name: str) -> str:
     path = Path(sys.executable).parent / name
     if not path.exists():
         raise FileNotFoundError(f"{name} not found next to {sys.executable}; install fedilora[flower]")
@@ -91,8 +93,102 @@ class Process:
             return ""
 
 
+class Link:
+    """Runs on a SuperLink through the ``flwr`` CLI: submit, status, logs, wait for the end.
+
+    Args:
+        env: The environment of the ``flwr`` calls (``FLWR_HOME`` holds the connection).
+        cwd: Working directory of the ``flwr`` calls.
+        connection: The ``[superlink.<name>]`` connection of ``$FLWR_HOME/config.toml``.
+    """
+
+    def __init__(self, env: dict[str, str], cwd: Path | None = None, connection: str | None = CONNECTION) -> None:
+        self.env, self.cwd, self.connection = env, cwd, connection
+
+    @property
+    def _link(self) -> list[str]:
+        """The connection argument of ``flwr`` commands (none: the default of ``config.toml``)."""
+        return [self.connection] if self.connection else []
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [executable("flwr"), *args],
+            env=self.env,
+            cwd=self.cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def submit(
+        self,
+        app: str | os.PathLike,
+        run_config: dict[str, Any] | None = None,
+        federation_config: str | None = None,
+        extra: tuple[str, ...] = (),
+    ) -> int:
+        """``flwr run`` (not streamed); returns the run id. ``run_config`` goes through a TOML file so that
+        any string survives the shell-free ``key=value`` parsing of ``-c``; ``extra``: more ``flwr run``
+        arguments (e.g. ``-c 'key=value'``)."""
+        import tomli_w  # comes with flwr
+
+        args = ["run", str(app), *self._link, "--format", "json", *extra]
+        if federation_config:
+            args += ["--federation-config", federation_config]
+        with tempfile.TemporaryDirectory() as tmp:
+            if run_config:
+                path = Path(tmp) / "run_config.toml"
+                path.write_text(tomli_w.dumps(run_config))
+                args += ["--run-config", str(path)]
+            done = self.flwr(*args)
+        try:
+            reply = json.loads(done.stdout[done.stdout.index("{") :])
+            return int(reply["run-id"])
+        except (ValueError, KeyError, TypeError):
+            raise FlowerRunError(f"flwr run failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+
+    def status(self, run_id: int) -> dict[str, Any]:
+        done = self.flwr("ls", *self._link, "--run-id", str(run_id), "--format", "json")
+        try:
+            return json.loads(done.stdout[done.stdout.index("{") :])["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            raise FlowerRunError(f"flwr ls failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
+
+    def logs(self, run_id: int) -> str:
+        return self.flwr("log", str(run_id), *self._link, "--show").stdout
+
+    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 1.0) -> dict[str, Any]:
+        """Block until the run finishes; its status, or ``FlowerRunError`` unless it completed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status(run_id)
+            if status["status"].startswith("finished"):
+                break
+            if time.monotonic() > deadline:
+                self.flwr("stop", str(run_id), *self._link)
+                raise FlowerRunError(
+                    f"run {run_id} still {status['status']} after {timeout:.0f} s\n{self.logs(run_id)[-6000:]}"
+                )
+            time.sleep(poll)
+        if status["status"] != "finished:completed":
+            raise FlowerRunError(
+                f"run {run_id} {status['status']}: {status.get('status-details', '')}\n{self.logs(run_id)[-6000:]}"
+            )
+        return status
+
+    def run(
+        self,
+        app: str | os.PathLike,
+        run_config: dict[str, Any] | None = None,
+        federation_config: str | None = None,
+        timeout: float = 600.0,
+    ) -> dict[str, Any]:
+        return self.wait(self.submit(app, run_config, federation_config), timeout)
+
+
 @dataclass
-class Federation:
+class Federation(Link):
     """A SuperLink on a free loopback port (``simulation``: with the simulation engine) and SuperNodes.
 
     Use as a context manager; ``close`` stops every process it started. ``workdir`` holds ``FLWR_HOME``
@@ -109,10 +205,11 @@ class Federation:
         self.workdir = Path(self.workdir)
         self.home = self.workdir / "flwr_home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.env = flower_env(self.home)
-        tmp = self.workdir / "tmp"  # keep-alive workers' sockets and logs stay in the workdir
-        tmp.mkdir(exist_ok=True)
-        self.env["TMPDIR"] = str(tmp)
+        Link.__init__(self, flower_env(self.home), self.cwd, CONNECTION)
+        # a private temporary directory (Ray's and the keep-alive workers' sockets), removed by ``close``;
+        # short, because a Unix socket path has at most 107 bytes
+        self.tmp = Path(tempfile.mkdtemp(prefix="flwr-"))
+        self.env["TMPDIR"] = str(self.tmp)
 
     # ------------------------------------------------------------------------------ processes
     def _spawn(self, name: str, args: list[str]) -> Process:
@@ -127,7 +224,7 @@ class Federation:
 
     def start_superlink(self, timeout: float = 120.0) -> Process:
         self.port = free_port()
-        args = [_executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
+        args = [executable("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port)]
         if self.simulation:
             args.append("--simulation")
         link = self._spawn("superlink", args)
@@ -154,7 +251,7 @@ class Federation:
             raise RuntimeError("start the SuperLink first")
         pairs = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in node_config.items())
         args = [
-            _executable("flower-supernode"),
+            executable("flower-supernode"),
             "--insecure",
             "--superlink",
             f"127.0.0.1:{self.port}",
@@ -168,80 +265,10 @@ class Federation:
     def close(self) -> None:
         for process in reversed(self.processes):
             process.stop()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> Federation:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    # ----------------------------------------------------------------------------------- runs
-    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [_executable("flwr"), *args],
-            env=self.env,
-            cwd=self.cwd,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-
-    def submit(
-        self, app: str | os.PathLike, run_config: dict[str, Any] | None = None, federation_config: str | None = None
-    ) -> int:
-        """``flwr run`` (not streamed); returns the run id. ``run_config`` goes through a TOML file so that
-        any string survives the shell-free ``key=value`` parsing of ``-c``."""
-        import tomli_w  # comes with flwr
-
-        args = ["run", str(app), CONNECTION, "--format", "json"]
-        if run_config:
-            path = self.workdir / f"run_config_{time.monotonic_ns()}.toml"
-            path.write_text(tomli_w.dumps(run_config))
-            args += ["--run-config", str(path)]
-        if federation_config:
-            args += ["--federation-config", federation_config]
-        done = self.flwr(*args)
-        try:
-            reply = json.loads(done.stdout[done.stdout.index("{") :])
-            return int(reply["run-id"])
-        except (ValueError, KeyError, TypeError):
-            raise FlowerRunError(f"flwr run failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
-
-    def status(self, run_id: int) -> dict[str, Any]:
-        done = self.flwr("ls", CONNECTION, "--run-id", str(run_id), "--format", "json")
-        try:
-            return json.loads(done.stdout[done.stdout.index("{") :])["runs"][0]
-        except (ValueError, KeyError, IndexError):
-            raise FlowerRunError(f"flwr ls failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr}") from None
-
-    def logs(self, run_id: int) -> str:
-        return self.flwr("log", str(run_id), CONNECTION, "--show").stdout
-
-    def wait(self, run_id: int, timeout: float = 600.0, poll: float = 1.0) -> dict[str, Any]:
-        """Block until the run finishes; its status, or ``FlowerRunError`` unless it completed."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.status(run_id)
-            if status["status"].startswith("finished"):
-                break
-            if time.monotonic() > deadline:
-                self.flwr("stop", str(run_id), CONNECTION)
-                raise FlowerRunError(
-                    f"run {run_id} still {status['status']} after {timeout:.0f} s\n{self.logs(run_id)[-6000:]}"
-                )
-            time.sleep(poll)
-        if status["status"] != "finished:completed":
-            raise FlowerRunError(
-                f"run {run_id} {status['status']}: {status.get('status-details', '')}\n{self.logs(run_id)[-6000:]}"
-            )
-        return status
-
-    def run(
-        self,
-        app: str | os.PathLike,
-        run_config: dict[str, Any] | None = None,
-        federation_config: str | None = None,
-        timeout: float = 600.0,
-    ) -> dict[str, Any]:
-        return self.wait(self.submit(app, run_config, federation_config), timeout)
