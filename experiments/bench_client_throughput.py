@@ -32,7 +32,8 @@ import torch
 from _bench import write_results
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
 from fedilora.model import LoRACLIPClassifier
-from fedilora.trainer import FederatedTrainer, client_seed
+from fedilora.server import client_seed
+from fedilora.trainer import FederatedTrainer
 
 RANK = 8
 CLIENT = 0

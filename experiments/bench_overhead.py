@@ -40,7 +40,8 @@ from _bench import write_results
 from fedilora.callbacks import FederatedCallback
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
 from fedilora.model import LoRACLIPClassifier
-from fedilora.trainer import FederatedTrainer, client_seed, sample_clients
+from fedilora.server import client_seed, sample_clients
+from fedilora.trainer import FederatedTrainer
 
 RANK = 8
 TARGET = 1.10

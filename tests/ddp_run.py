@@ -1,4 +1,5 @@
-"""Run a small federated fit on ``devices`` CPU processes and save what rank 0 ends with.
+"""Run a small federated fit on ``devices`` CPU processes and save what rank 0 ends with (two clients'
+updates are sabotaged: the rejections must be the same whatever process trains them).
 
 Fabric's ``ddp`` launcher starts the other processes by re-running this script, so the equality test
 runs it in a subprocess: ``python tests/ddp_run.py DEVICES OUT_DIR``.
@@ -14,7 +15,7 @@ from safetensors.torch import save_file
 from fedilora.editing import ModelEditing
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer
-from helpers import tiny_datamodule
+from helpers import Sabotage, tiny_datamodule
 
 
 def main(devices: int, out: Path) -> None:
@@ -24,7 +25,13 @@ def main(devices: int, out: Path) -> None:
         clients_per_round=3,
         ranks=[4, 2, 2, 1],
         max_local_steps=3,
-        callbacks=[ModelEditing()],
+        # faults on process 1's share: a NaN head in round 0 (plan [0, 1, 3]), a huge update in round 1
+        # (plan [1, 2, 3]) that only the round's median, taken after the gather, can reject
+        callbacks=[
+            ModelEditing(),
+            Sabotage("nan_head", victims=[1], round_=0),
+            Sabotage("huge", victims=[2], round_=1),
+        ],
         accelerator="cpu",
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",

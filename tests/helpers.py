@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from fedilora.aggregation import ClientUpdate
+from fedilora.callbacks import FederatedCallback
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
 from fedilora.model import LoRACLIPClassifier
 
@@ -26,3 +30,24 @@ def tiny_model(ranks=(4,), **kwargs) -> LoRACLIPClassifier:
     model = LoRACLIPClassifier(num_classes=12, **kwargs)
     model.add_ranks(ranks)
     return model
+
+
+class Sabotage(FederatedCallback):
+    """Breaks chosen clients' updates in ``on_client_fit_end`` (which runs before upload): ``raise`` an
+    exception, ``nan`` in the adapter, ``nan_head`` in the head, ``huge`` (1e6) in the adapter."""
+
+    def __init__(self, mode: str, victims, round_: int = 0):
+        self.mode, self.victims, self.round = mode, set(victims), round_
+        self.seen: dict[int, ClientUpdate] = {}
+
+    def on_client_fit_end(self, trainer, round, update, received):
+        if round == self.round:
+            self.seen[update.client_id] = update
+        if round != self.round or update.client_id not in self.victims:
+            return
+        if self.mode == "raise":
+            raise RuntimeError("disk full on the client")
+        state = update.extra if self.mode == "nan_head" else update.lora
+        key = next(iter(state))
+        state[key] = state[key].clone()
+        state[key].view(-1)[0] = 1e6 if self.mode == "huge" else math.nan

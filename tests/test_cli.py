@@ -49,6 +49,7 @@ BAD_INPUT = [
     (["--trainer.clients_per_round", "1.5"], "trainer.clients_per_round: a fraction must be in (0, 1]"),
     (["--trainer.min_clients_per_round", "5"], "trainer.min_clients_per_round: 5 is more than the 4 clients"),
     (["--trainer.max_update_norm", "-1"], "trainer.max_update_norm: must be > 0 or null"),
+    (["--trainer.update_norm_factor", "1"], "trainer.update_norm_factor: must be > 1 or null (off)"),
     (["--trainer.checkpoint_every", "0"], "trainer.checkpoint_every: must be >= 1 or null"),
     (["--trainer.keep_last", "0"], "trainer.keep_last: must be >= 1"),
     (["--trainer.global_lora_rank", "8"], "trainer.global_lora_rank: 8 is smaller than the largest client rank 32"),

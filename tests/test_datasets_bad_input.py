@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from fedilora.data import HatefulMemes, MMIMDb, MultimodalTable, UPMCFood101
+from fedilora.data import DataError, FederatedDataModule, HatefulMemes, MMIMDb, MultimodalTable, UPMCFood101
 from fedilora.errors import ConfigError
 from test_datasets_fixtures import make_food101, make_hateful_memes, make_mmimdb, make_table, table
 
@@ -21,6 +21,12 @@ def _replace_line(path, number, line):
     lines = path.read_text().splitlines()
     lines[number - 1] = line
     path.write_text("\n".join(lines) + "\n")
+
+
+def _replace_line_bytes(path, number, line: bytes):
+    lines = path.read_bytes().splitlines()
+    lines[number - 1] = line
+    path.write_bytes(b"\n".join(lines) + b"\n")
 
 
 # ------------------------------------------------------------------------------ missing paths
@@ -104,6 +110,25 @@ def _memes_image(root):
     (root / "img" / "10002.png").write_bytes(b"\x89PNG broken")
 
 
+def _truncated(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _food_latin1(root):  # "café" saved as Latin-1: the byte 0xe9 is not UTF-8
+    _replace_line_bytes(root / "texts" / "train_titles.csv", 3, b"apple_pie_train_2.jpg,caf\xe9 apple pie,apple_pie")
+
+
+def _memes_latin1(root):
+    _replace_line_bytes(
+        root / "train.jsonl", 2, b'{"id": 10002, "img": "img/10002.png", "label": 1, "text": "caf\xe9 hate"}'
+    )
+
+
+def _memes_lone_surrogate(root):  # valid JSON and valid UTF-8, but the text is not valid Unicode
+    _replace_line(root / "train.jsonl", 2, '{"id": 10002, "img": "img/10002.png", "label": 1, "text": "a \\ud800 b"}')
+
+
 FOOD_LINE = r"train_titles\.csv line 3: "
 MEMES_LINE = r"train\.jsonl line 2: "
 CASES = {
@@ -143,6 +168,15 @@ CASES = {
     "memes image that cannot be decoded": (
         make_hateful_memes, HatefulMemes, _memes_image, MEMES_LINE + r"image file .*10002\.png cannot be decoded",
         "train"),
+    "text that is not UTF-8": (
+        make_food101, UPMCFood101, _food_latin1,
+        FOOD_LINE + r"not UTF-8 text \(byte 0xe9 at field 2, character 4; save the file as UTF-8\)", "train"),
+    "jsonl line that is not UTF-8": (
+        make_hateful_memes, HatefulMemes, _memes_latin1, MEMES_LINE + r"not UTF-8 text \(byte 0xe9", "train"),
+    "jsonl text with a lone surrogate escape": (
+        make_hateful_memes, HatefulMemes, _memes_lone_surrogate,
+        MEMES_LINE + r"not UTF-8 text \(a lone surrogate U\+D800 at character 3, from a \\u escape\)",
+        "train"),
 }  # fmt: skip
 
 
@@ -151,8 +185,9 @@ def test_bad_sample_is_one_clear_error(tmp_path, case):
     build, cls, corrupt, message, _ = CASES[case]
     root = build(tmp_path / "data")
     corrupt(root)
-    with pytest.raises(ConfigError, match=message) as error:
+    with pytest.raises(DataError, match=message) as error:
         cls(str(root), image_size=32).load()
+    assert isinstance(error.value, ConfigError)  # the CLI prints it as one line, exit status 2
     assert "on_bad_sample" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -223,3 +258,109 @@ def test_a_split_file_that_does_not_parse(tmp_path):
     (root / "split.json").write_text('{"train": ["0000001",]}')
     with pytest.raises(ConfigError, match=r"split\.json: not valid JSON \(.* at line 1, column \d+\)"):
         MMIMDb(str(root), image_size=32, on_bad_sample="skip").load()  # a broken split file is never skipped
+
+
+# ------------------------------------------------------------------------------- non-UTF-8 bytes
+def _table_bytes(path, old: bytes, new: bytes):
+    data = path.read_bytes()
+    assert old in data
+    path.write_bytes(data.replace(old, new, 1))
+
+
+@pytest.mark.parametrize(
+    ("kind", "old", "new", "message"),
+    [
+        ("csv", b"sample number 3", b"sample n\xfamber 3", r"data\.csv line 5: not UTF-8 text \(byte 0xfa at field 2"),
+        ("csv", b"number 4,dog", b"number 4,d\xf6g", r"data\.csv line 6: not UTF-8 text \(byte 0xf6 at field 3"),
+        ("jsonl", b'"sample number 3"', b'"sample n\xfamber 3"', r"data\.jsonl line 4: not UTF-8 text \(byte 0xfa"),
+        ("jsonl", b'"tags": "dog"', b'"tags": "d\xf6g"', r"data\.jsonl line 2: not UTF-8 text \(byte 0xf6"),
+        ("jsonl", b'"tags": "dog"', b'"tags": "d\\udcf6g"', r"data\.jsonl line 2: label not UTF-8 text \(a lone"),
+    ],
+)  # fmt: skip
+def test_bytes_that_are_not_utf8_make_a_bad_sample_not_a_new_class(tmp_path, kind, old, new, message):
+    path = make_table(tmp_path, kind)
+    _table_bytes(path, old, new)
+    with pytest.raises(DataError, match=message):
+        table(path, test_path=str(path)).load()
+    dataset = table(path, test_path=str(path), on_bad_sample="skip")
+    pool, test = dataset.load()
+    assert dataset.classes == ["bird", "cat", "dog"]  # no class made of a replacement character
+    assert dataset.skipped == {"train": 1, "test": 1} and len(pool) == len(test) == 11
+    assert not any("\ufffd" in text for text in pool.texts)
+
+
+def test_a_header_row_that_is_not_utf8(tmp_path):
+    path = make_table(tmp_path)
+    _table_bytes(path, b"caption", b"capti\xf3n")
+    with pytest.raises(DataError, match=r"data\.csv line 1: the header row is not UTF-8 text \(byte 0xf3"):
+        table(path, on_bad_sample="skip").load()
+
+
+# ------------------------------------------------------------------------------------ one class
+def _relabel(path, label):
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], *(line.rsplit(",", 1)[0] + f",{label}" for line in lines[1:])]) + "\n")
+
+
+def test_a_single_class_table_is_a_clear_error(tmp_path):
+    path = make_table(tmp_path)
+    _relabel(path, "cat")
+    with pytest.raises(DataError, match=r"data\.csv \(column 'tags'\): only one class \('cat'\) found; .* at least 2"):
+        _ = table(path).num_classes  # what the CLI reads first, to size the model's head and metrics
+    with pytest.raises(ConfigError, match=r"data\.dataset\.classes: give at least 2 class names"):
+        table(path, classes=["cat"])
+
+
+def test_a_training_pool_of_one_class_is_a_clear_error(tmp_path):
+    path = make_table(tmp_path)
+    _relabel(path, "cat")
+    dm = FederatedDataModule(dataset=table(path, classes=["cat", "dog"]), num_clients=2, tokenizer="fedilora-tiny")
+    with pytest.raises(DataError, match=r"every one of the 10 training samples has the label 0 \('cat'\); "):
+        dm.setup()
+
+    memes = make_hateful_memes(tmp_path / "hm")
+    for file in ("train.jsonl", "dev_seen.jsonl"):
+        (memes / file).write_text((memes / file).read_text().replace('"label": 1', '"label": 0'))
+    dm = FederatedDataModule(dataset=HatefulMemes(str(memes), image_size=32), num_clients=2, tokenizer="fedilora-tiny")
+    with pytest.raises(DataError, match=r"HatefulMemes: every one of the 10 training samples has the label 0"):
+        dm.setup()
+
+
+def test_food101_with_one_class_directory(tmp_path):
+    root = make_food101(tmp_path / "food")
+    with pytest.raises(ConfigError, match=r"data\.dataset\.classes: give at least 2 class names"):
+        UPMCFood101(str(root), classes=["apple_pie"])
+    for name in ("bibimbap", "churros"):
+        for split in ("train", "test"):
+            for file in (root / "images" / split / name).iterdir():
+                file.unlink()
+            (root / "images" / split / name).rmdir()
+    with pytest.raises(DataError, match=r"images/train \(its class directories\): only one class \('apple_pie'\)"):
+        _ = UPMCFood101(str(root), image_size=32).num_classes
+
+
+# ------------------------------------------------------------------------------------ long texts
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_text_over_128_kib_is_kept_for_the_tokenizer_to_truncate(tmp_path, kind):
+    path = make_table(tmp_path, kind)
+    long = "a very long caption " * 10_000  # 200 kB, more than the csv module's default field limit
+    _table_bytes(path, b"sample number 3", long.encode())
+    for policy in ("error", "skip"):
+        dataset = table(path, test_path=str(path), on_bad_sample=policy)
+        pool, _ = dataset.load()
+        assert len(pool) == 12 and pool.texts[3] == long and dataset.skipped == {"train": 0, "test": 0}
+
+
+# ---------------------------------------------------------------------------- image check levels
+def test_check_images_auto_decodes_when_skipping(tmp_path):
+    path = make_table(tmp_path)
+    _truncated(tmp_path / "pics" / "004.png")  # its header is intact: the header check passes it
+    assert table(path).check_images == "header" and table(path, on_bad_sample="skip").check_images == "decode"
+    assert len(table(path, test_path=str(path)).load()[0]) == 12
+    with pytest.raises(DataError, match=r"data\.csv line 6: image file .*004\.png cannot be decoded \(OSError"):
+        table(path, test_path=str(path), check_images="decode").load()
+    dataset = table(path, test_path=str(path), on_bad_sample="skip")
+    pool, test = dataset.load()
+    assert dataset.skipped == {"train": 1, "test": 1} and len(pool) == len(test) == 11
+    with pytest.raises(ConfigError, match=r"check_images: unknown 'full'; allowed: auto, exists, header, decode"):
+        table(path, check_images="full")

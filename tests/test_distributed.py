@@ -29,6 +29,9 @@ def test_two_cpu_processes_give_the_single_process_result(tmp_path):
     for key, value in single_state.items():
         torch.testing.assert_close(ddp_state[key], value, rtol=1e-5, atol=1e-6)
     assert len(single_history) == len(ddp_history) == 2
+    assert [h["round/rejected_updates"] for h in ddp_history] == [1.0, 1.0]  # the sabotaged clients 1 and 2
+    assert not any(k.startswith("client2.") for k in ddp_state)  # its only update was rejected
+    assert all(torch.isfinite(v).all() for v in ddp_state.values())
     for single, ddp in zip(single_history, ddp_history, strict=True):
         assert single.keys() == ddp.keys()
         for key, value in single.items():

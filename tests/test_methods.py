@@ -5,7 +5,8 @@ import torch
 from fedilora.aggregation import DimensionWise
 from fedilora.baselines import Centralized, FlexLoRA, FLoRA, HetLoRA, Local, lora_deltas
 from fedilora.model import LoRACLIPClassifier
-from fedilora.trainer import POOLED, FederatedTrainer
+from fedilora.server import POOLED, round_plan
+from fedilora.trainer import FederatedTrainer
 from helpers import tiny_datamodule, tiny_model
 
 
@@ -95,7 +96,7 @@ def test_centralized_trains_one_model_on_the_union_of_client_data(tmp_path):
     assert torch.equal(pooled.sort().values, union.sort().values)
     assert trainer.personal == {}  # one model, no clients
     assert results["personalized_clients"] == datamodule.num_clients  # evaluated on every client's test split
-    assert trainer.round_plan(0, [4, 2, 2], 2, 4) == [(POOLED, 4)]
+    assert round_plan(trainer.aggregator, [4, 2, 2], 2, 4, seed=0, round=0) == [(POOLED, 4)]
 
 
 def test_dimension_wise_beats_zero_padding_on_dilution(tmp_path):

@@ -1,25 +1,34 @@
-"""Baseline aggregators for heterogeneous-rank LoRA: HetLoRA, FLoRA and FlexLoRA.
+"""Baseline aggregators for heterogeneous-rank LoRA: HetLoRA, FLoRA and FlexLoRA, and the references.
 
-Same interface as :mod:`fedilora.aggregation` (``broadcast`` / ``aggregate``); the math lives in pure
-functions over tensors. A module's ``lora_A`` and ``lora_B`` share the prefix before ``.lora_A.`` /
-``.lora_B.``; its update is dW = s B A with one scale s for every rank.
+Same interface as :mod:`fedilora.aggregation` (``broadcast`` and the streaming ``begin`` / ``add`` /
+``finish``); the math lives in pure functions over tensors. A module's ``lora_A`` and ``lora_B`` share
+the prefix before ``.lora_A.`` / ``.lora_B.``; its update is dW = s B A with one scale s for every rank.
+
+What the streaming form holds, whatever the number of clients K: HetLoRA one global adapter (like
+FediLoRA); FLoRA one dense dW per module (what the base merge needs; the stack of rank sum r_k that a
+real FLoRA server sends is only counted); FlexLoRA the stacked factors until their width reaches
+2 min(d_out, d_in), then an exact re-factorisation of that width: O(min(sum r_k, d) (d_in + d_out)) per
+module, which grows with K up to about twice the dense dW and no further, but is not O(global adapter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from fedilora.aggregation import (
+    Accumulator,
     Aggregator,
     ClientUpdate,
+    DimensionAccumulator,
     State,
+    WeightedSums,
+    accumulation_dtype,
     nbytes,
     rank_axis,
-    sample_weights,
-    stack_padded,
     truncate,
 )
 
@@ -51,17 +60,18 @@ def product_norm(b: Tensor, a: Tensor) -> Tensor:
     return ((b.T @ b) * (a @ a.T)).sum().clamp_min(0.0).sqrt()
 
 
+def update_norm(lora: Mapping[str, Tensor]) -> Tensor:
+    """N_k = sum over modules of ||B_k A_k||_F (float64 scalar): HetLoRA's weight, one update at a time."""
+    norms = [product_norm(lora[b], lora[a]) for a, b in module_keys(lora).values()]
+    return torch.stack(norms).sum() if norms else torch.zeros((), dtype=torch.float64)
+
+
 def hetlora_weights(client_loras: Sequence[Mapping[str, Tensor]]) -> Tensor:
     """w_k = N_k / sum_j N_j with N_k = sum_modules ||B_k A_k||_F (float64, ``[K]``).
 
     If every client's update is zero the norms carry no information and the weights are uniform.
     """
-    norms = torch.stack(
-        [
-            torch.stack([product_norm(lora[b], lora[a]) for a, b in module_keys(lora).values()]).sum()
-            for lora in client_loras
-        ]
-    )
+    norms = torch.stack([update_norm(lora) for lora in client_loras])
     total = norms.sum()
     return norms / total if total > 0 else torch.full_like(norms, 1.0 / len(norms))
 
@@ -69,22 +79,43 @@ def hetlora_weights(client_loras: Sequence[Mapping[str, Tensor]]) -> Tensor:
 def zero_padded_average(
     previous: Mapping[str, Tensor], client_loras: Sequence[Mapping[str, Tensor]], weights: Tensor
 ) -> State:
-    """HetLoRA's aggregation: sum_k w_k pad_R(T_k) per tensor, with w normalised to sum 1.
+    """HetLoRA's aggregation: sum_k w_k pad_R(T_k) / sum_k w_k per tensor.
 
-    Each client's A / B is zero-padded along its rank axis to the global rank R (taken from
+    Each client's A / B counts as zero-padded along its rank axis to the global rank R (taken from
     ``previous``), so a dimension only some clients have is diluted by the zeros of the others and a
-    dimension no sampled client has becomes zero: that is the baseline's documented behaviour.
+    dimension no sampled client has becomes zero: that is the baseline's documented behaviour. As a
+    stream: w_k T_k is added into the first r_k dimensions, w_k into the weight of all R dimensions.
     """
-    if not client_loras:
-        return dict(previous)
-    w = weights.to(torch.float64)
-    w = w / w.sum()
-    out = {}
-    for key, prev in previous.items():
-        axis = rank_axis(key)
-        stacked = stack_padded([c[key] for c in client_loras], axis, prev.shape[axis])
-        out[key] = torch.einsum("k,k...->...", w.to(stacked), stacked)
-    return out
+    sums = WeightedSums.zeros(previous)
+    for k, lora in enumerate(client_loras):
+        sums.add(lora, float(weights[k]), covers=None, source=f"client {k}")
+    return sums.average(previous)
+
+
+class NormAccumulator(DimensionAccumulator):
+    """HetLoRA's sums: weight N_k = sum_modules ||B_k A_k||_F, counted on every dimension (zero padding).
+
+    While every update so far has B_k A_k = 0 the norms carry no information and the weights are
+    uniform, as in :func:`hetlora_weights`: the sums then count updates, and the first update with a
+    non-zero product restarts them (one buffer either way).
+    """
+
+    uniform = True
+
+    def contribution(self, update: ClientUpdate) -> tuple[float, int | None]:
+        norm = float(update_norm(update.lora))
+        if not math.isfinite(norm):
+            raise ValueError(f"client {update.client_id}: the norm of B A is {norm}")
+        if norm > 0 and self.uniform:
+            self.lora.clear()
+            self.uniform = False
+        return (1.0 if self.uniform else norm), None
+
+    def _merge_lora(self, other: Accumulator) -> None:
+        if self.uniform != other.uniform:  # the uniform side only counted zero updates: drop it
+            (self.lora if self.uniform else other.lora).clear()
+            self.uniform = False
+        super()._merge_lora(other)
 
 
 class HetLoRA(Aggregator):
@@ -93,11 +124,14 @@ class HetLoRA(Aggregator):
     Only the sparsity-weighted aggregation; the paper's local rank self-pruning is not part of it.
     """
 
-    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
-        if not updates:
-            return dict(global_lora)
-        loras = [u.lora for u in updates]
-        return zero_padded_average(global_lora, loras, hetlora_weights(loras))
+    def begin(
+        self, global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor] | None = None
+    ) -> NormAccumulator:
+        return NormAccumulator(global_lora, global_extra)
+
+    def finish(self, acc: Accumulator) -> State:
+        acc.close()
+        return acc.lora.average(acc.previous)
 
 
 # ----------------------------------------------------------------------------------------------- FLoRA
@@ -123,12 +157,48 @@ def lora_deltas(lora: Mapping[str, Tensor], scale: float = 1.0) -> State:
     return {prefix: scale * (lora[b] @ lora[a]) for prefix, (a, b) in module_keys(lora).items()}
 
 
+class ProductAccumulator(Accumulator):
+    """FLoRA in streaming form: per module sum_k n_k s B_k A_k (``[d_out, d_in]``, one ``addmm_`` per
+    update), the product the base merge needs; ``finish`` divides by N = sum_k n_k. The stack itself
+    (rank sum_k r_k, grown by appending n_k A_k and B_k, scaled by 1/N at the end) is what a real FLoRA
+    server sends to every client; here only its size is counted."""
+
+    def __init__(
+        self, previous: Mapping[str, Tensor], previous_extra: Mapping[str, Tensor] | None = None, scale: float = 1.0
+    ) -> None:
+        super().__init__(previous, previous_extra)
+        self.scale = scale
+        self.modules = module_keys(previous)
+        self.deltas = {
+            prefix: previous[a].new_zeros(
+                (previous[b].shape[0], previous[a].shape[1]), dtype=accumulation_dtype(previous[a])
+            )
+            for prefix, (a, b) in self.modules.items()
+        }
+        self.stacked_nbytes = 0
+
+    def _add_lora(self, update: ClientUpdate, source: str) -> None:
+        alpha = self.scale * update.num_samples
+        for prefix, (a, b) in self.modules.items():
+            delta = self.deltas[prefix]
+            delta.addmm_(update.lora[b].to(delta), update.lora[a].to(delta), alpha=alpha)
+        self.stacked_nbytes += nbytes(update.lora)
+
+    def _merge_lora(self, other: Accumulator) -> None:
+        for prefix, delta in self.deltas.items():
+            delta.add_(other.deltas[prefix].to(delta))
+        self.stacked_nbytes += other.stacked_nbytes
+
+    def nbytes(self) -> int:
+        return super().nbytes() + nbytes(self.deltas)
+
+
 class FLoRA(Aggregator):
     """Wang et al. 2024: stack the client adapters, merge the product into the frozen base weights.
 
-    ``aggregate`` leaves this round's dW per module in ``last_delta`` for the trainer to add to the base
-    weights, and returns the re-initialised adapter the clients start from: the previous A (a random
-    init) and B = 0, so that B A = 0 right after the merge.
+    ``finish`` (and ``aggregate``) leaves this round's dW = sum_k p_k s B_k A_k per module in
+    ``last_delta`` for the trainer to add to the base weights, and returns the re-initialised adapter the
+    clients start from: the previous A (a random init) and B = 0, so that B A = 0 right after the merge.
     """
 
     #: the trainer must add ``last_delta`` to the base weights after every ``aggregate``
@@ -144,16 +214,23 @@ class FLoRA(Aggregator):
         # every client downloads the stacked adapter (rank sum_k r_k) to merge it into its own base copy
         return nbytes(sent) + self.stacked_nbytes
 
-    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
-        if updates:
-            stacked = stack_loras([u.lora for u in updates], sample_weights(updates))
-            self.stacked_nbytes = nbytes(stacked)
-            self.last_delta = lora_deltas(stacked, self.scale)
+    def begin(
+        self, global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor] | None = None
+    ) -> ProductAccumulator:
+        return ProductAccumulator(global_lora, global_extra, self.scale)
+
+    def finish(self, acc: Accumulator) -> State:
+        acc.close()
+        if acc.count:
+            # p_k = n_k / N: divide once, at the end
+            self.last_delta = {prefix: delta.div_(acc.num_samples) for prefix, delta in acc.deltas.items()}
+            self.stacked_nbytes = acc.stacked_nbytes
             for prefix, delta in self.last_delta.items():
                 self.merged[prefix] = self.merged[prefix] + delta if prefix in self.merged else delta.clone()
         else:
             self.last_delta = {}
-        return {k: torch.zeros_like(v) if rank_axis(k) == 1 else v.clone() for k, v in global_lora.items()}
+        acc.deltas = {}
+        return {k: torch.zeros_like(v) if rank_axis(k) == 1 else v.clone() for k, v in acc.previous.items()}
 
     def state_dict(self) -> State:
         """The sum of all deltas merged so far, ``{prefix: dW}``, and the size of the last stacked adapter."""
@@ -201,21 +278,86 @@ def dense_truncated_factors(dw: Tensor, rank: int, scale: float = 1.0) -> tuple[
     return truncated_factors(u, s, vh.T, rank, scale)
 
 
-def flexlora_svd(client_loras: Sequence[Mapping[str, Tensor]], weights: Tensor, scale: float = 1.0) -> dict[str, SVD]:
-    """``{prefix: SVD of dW_g}`` with dW_g = sum_k w_k s B_k A_k = Bs As.
+class FactorStack:
+    """The factors of dW = sum_k w_k s B_k A_k, appended one client at a time.
 
-    Bs = [sqrt(w_1 s) B_1, ..., sqrt(w_K s) B_K] and As = [sqrt(w_1 s) A_1; ...]: splitting the
-    weight as a square root over both factors keeps them equally conditioned for the QR.
+    Per module, Bs = [sqrt(w_1 s) B_1, ...] and As = [sqrt(w_1 s) A_1; ...] (splitting the weight as a
+    square root over both factors keeps them equally conditioned for the QR), so Bs As = dW. Once the
+    stacked width reaches ``2 min(d_out, d_in)`` the stack is replaced by the exact factorisation
+    U sqrt(S), sqrt(S) V^T of its product (width <= min(d_out, d_in)): memory stops growing with K.
     """
-    root = (weights.to(torch.float64) * scale).sqrt()
-    out = {}
-    for prefix, (a, b) in module_keys(client_loras[0]).items():
-        first = client_loras[0][a]
-        r = root.to(first.device, _compute_dtype(first))
-        b_stack = torch.cat([r[k] * c[b].to(r) for k, c in enumerate(client_loras)], dim=1)
-        a_stack = torch.cat([r[k] * c[a].to(r) for k, c in enumerate(client_loras)], dim=0)
-        out[prefix] = low_rank_svd(b_stack, a_stack)
-    return out
+
+    def __init__(self, modules: Mapping[str, tuple[str, str]], scale: float = 1.0) -> None:
+        self.modules = dict(modules)
+        self.scale = scale
+        self.parts: dict[str, tuple[list[Tensor], list[Tensor]]] = {p: ([], []) for p in self.modules}
+        self.compressions = 0
+
+    def add(self, lora: Mapping[str, Tensor], weight: float) -> None:
+        root = math.sqrt(weight * self.scale)
+        for prefix, (a, b) in self.modules.items():
+            dtype = _compute_dtype(lora[a])
+            bs, as_ = self.parts[prefix]
+            bs.append(root * lora[b].to(dtype))
+            as_.append(root * lora[a].to(dtype))
+            self._bound(prefix)
+
+    def merge(self, other: FactorStack) -> None:
+        for prefix, (bs, as_) in self.parts.items():
+            bs.extend(other.parts[prefix][0])
+            as_.extend(other.parts[prefix][1])
+            self._bound(prefix)
+        self.compressions += other.compressions
+
+    def width(self, prefix: str) -> int:
+        return sum(t.shape[1] for t in self.parts[prefix][0])
+
+    def _bound(self, prefix: str) -> None:
+        bs, as_ = self.parts[prefix]
+        if self.width(prefix) >= 2 * min(bs[0].shape[0], as_[0].shape[1]):
+            u, s, v = low_rank_svd(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+            root = s.clamp_min(0.0).sqrt()
+            self.parts[prefix] = ([u * root], [root[:, None] * v.T])
+            self.compressions += 1
+
+    def svd(self, divisor: float = 1.0) -> dict[str, SVD]:
+        """``{prefix: SVD of dW / divisor}`` through QR of the stacked factors (:func:`low_rank_svd`)."""
+        out = {}
+        for prefix, (bs, as_) in self.parts.items():
+            u, s, v = low_rank_svd(torch.cat(bs, dim=1), torch.cat(as_, dim=0))
+            out[prefix] = (u, s / divisor, v)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for bs, as_ in self.parts.values() for t in (*bs, *as_))
+
+
+def flexlora_svd(client_loras: Sequence[Mapping[str, Tensor]], weights: Tensor, scale: float = 1.0) -> dict[str, SVD]:
+    """``{prefix: SVD of dW_g}`` with dW_g = sum_k w_k s B_k A_k = Bs As (weights used as given)."""
+    stack = FactorStack(module_keys(client_loras[0]), scale)
+    for k, lora in enumerate(client_loras):
+        stack.add(lora, float(weights[k]))
+    return stack.svd()
+
+
+class FactorAccumulator(Accumulator):
+    """FlexLoRA in streaming form: the stacked factors of sum_k n_k s B_k A_k (:class:`FactorStack`);
+    ``finish`` divides the singular values by N = sum_k n_k, which makes the weights p_k."""
+
+    def __init__(
+        self, previous: Mapping[str, Tensor], previous_extra: Mapping[str, Tensor] | None = None, scale: float = 1.0
+    ) -> None:
+        super().__init__(previous, previous_extra)
+        self.stack = FactorStack(module_keys(previous), scale)
+
+    def _add_lora(self, update: ClientUpdate, source: str) -> None:
+        self.stack.add(update.lora, update.num_samples)
+
+    def _merge_lora(self, other: Accumulator) -> None:
+        self.stack.merge(other.stack)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self.stack.nbytes()
 
 
 class FlexLoRA(Aggregator):
@@ -245,11 +387,17 @@ class FlexLoRA(Aggregator):
         prefixes = {key.rsplit(".", 1)[0] for key in state}
         self.svd = {p: (state[f"{p}.U"], state[f"{p}.S"], state[f"{p}.V"]) for p in sorted(prefixes)}
 
-    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
-        if not updates:
-            return dict(global_lora)
-        self.svd = flexlora_svd([u.lora for u in updates], sample_weights(updates), self.scale)
-        return self._factors(global_lora, None)
+    def begin(
+        self, global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor] | None = None
+    ) -> FactorAccumulator:
+        return FactorAccumulator(global_lora, global_extra, self.scale)
+
+    def finish(self, acc: Accumulator) -> State:
+        acc.close()
+        if not acc.count:
+            return dict(acc.previous)
+        self.svd = acc.stack.svd(divisor=acc.num_samples)
+        return self._factors(acc.previous, None)
 
 
 # ------------------------------------------------------------------------------ references: local, centralized
@@ -261,8 +409,26 @@ class Local(Aggregator):
 
     communicates = False
 
-    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
+    def begin(
+        self, global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor] | None = None
+    ) -> DimensionAccumulator:
+        return DimensionAccumulator(global_lora, global_extra)
+
+    def finish(self, acc: Accumulator) -> State:
+        acc.close()
+        return dict(acc.previous)
+
+    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Iterable[ClientUpdate]) -> State:
         return dict(global_lora)
+
+
+class PooledAccumulator(DimensionAccumulator):
+    """Centralized: the one pooled update, weight 1, so that the sums are that update exactly."""
+
+    def contribution(self, update: ClientUpdate) -> tuple[float, int | None]:
+        if self.count:
+            raise ValueError(f"client {update.client_id}: Centralized trains one pooled model, a second update came")
+        return 1.0, update.rank
 
 
 class Centralized(Aggregator):
@@ -275,6 +441,13 @@ class Centralized(Aggregator):
     pooled = True
     communicates = False
 
-    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
-        (update,) = updates
-        return dict(update.lora)
+    def begin(
+        self, global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor] | None = None
+    ) -> PooledAccumulator:
+        return PooledAccumulator(global_lora, global_extra)
+
+    def finish(self, acc: Accumulator) -> State:
+        acc.close()
+        if acc.count != 1:
+            raise ValueError(f"Centralized trains one pooled model: expected one update, got {acc.count}")
+        return acc.lora.average(acc.previous)

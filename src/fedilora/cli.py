@@ -12,7 +12,7 @@ from fedilora.aggregation import Aggregator
 from fedilora.callbacks import FederatedCallback
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.editing import ModelEditing  # noqa: F401  (registers the editing callback by short name)
-from fedilora.errors import ConfigError
+from fedilora.errors import ConfigError, RunFailed
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer
 
@@ -86,6 +86,9 @@ def main(args: Any = None) -> None:
     except ConfigError as err:
         print(f"fedilora: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunFailed as err:
+        print(f"fedilora: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except KeyboardInterrupt:
         print("fedilora: interrupted", file=sys.stderr)
         raise SystemExit(130) from None

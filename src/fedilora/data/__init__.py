@@ -2,12 +2,14 @@
 
 from fedilora.data.benchmarks import HatefulMemes, MMIMDb, UPMCFood101
 from fedilora.data.datamodule import FederatedDataModule
+from fedilora.data.errors import DataError
 from fedilora.data.files import FileSource, ImageFiles
 from fedilora.data.generic import MultimodalTable
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.data.synthetic import SyntheticBenchmark
 
 __all__ = [
+    "DataError",
     "FederatedDataModule",
     "FileSource",
     "HatefulMemes",

@@ -14,11 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from fedilora.data.files import BadSamples, CheckImages, FileSource, OnBadSample, Record, text_problem
+from fedilora.data.errors import DataError
+from fedilora.data.files import (
+    BadSamples,
+    CheckImages,
+    FileSource,
+    OnBadSample,
+    Record,
+    text_problem,
+    undecodable,
+)
 from fedilora.data.source import MultimodalData
 from fedilora.errors import ConfigError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+_MAX_FIELD = 2**31 - 1  # the largest limit every platform's csv module accepts (a C long)
 
 # MM-IMDb's 23 genres (Arevalo et al. 2017), in the order of the published multi-hot targets. The
 # metadata files also carry rarer genres (News, Adult, Talk-Show, Reality-TV, ...); they are ignored.
@@ -30,32 +40,45 @@ MMIMDB_GENRES = [
 
 
 def read_json(path: Path) -> object:
-    """A JSON file's content, or one ConfigError naming the file and where it stops parsing."""
+    """A JSON file's content, or one DataError naming the file and where it stops parsing."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise DataError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def csv_rows(path: Path, delimiter: str = ",") -> Iterator[tuple[int, list[str]]]:
-    """``(line number, fields)`` of every non-blank CSV record (quoted fields may span lines)."""
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as handle:
-        reader = csv.reader(handle, delimiter=delimiter)
-        try:
-            for row in reader:
-                if row and any(cell.strip() for cell in row):
-                    yield reader.line_num, row
-        except csv.Error as err:
-            raise ConfigError(f"{path} line {reader.line_num}: not valid CSV ({err})") from None
+    """``(line number, fields)`` of every non-blank CSV record (quoted fields may span lines).
+
+    Bytes that are not UTF-8 stay in the fields as lone surrogates for ``undecodable`` to find. A field
+    may be of any length (the csv module's default limit, 128 KiB, would end the whole file at one long
+    text; the tokenizer keeps the start of a long text anyway).
+    """
+    limit = csv.field_size_limit(_MAX_FIELD)
+    try:
+        with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as handle:
+            reader = csv.reader(handle, delimiter=delimiter)
+            try:
+                for row in reader:
+                    if row and any(cell.strip() for cell in row):
+                        yield reader.line_num, row
+            except csv.Error as err:
+                raise DataError(f"{path} line {reader.line_num}: not valid CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
 
 
 def jsonl_rows(path: Path, bad: BadSamples) -> Iterator[tuple[int, dict]]:
-    """``(line number, object)`` of every non-blank JSON line; a line that does not parse is a bad sample."""
-    with open(path, encoding="utf-8", errors="replace") as handle:
+    """``(line number, object)`` of every non-blank JSON line; a line that does not parse, or is not
+    UTF-8, is a bad sample."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
+                continue
+            if problem := undecodable([line]):
+                bad(f"{path} line {number}", problem)
                 continue
             try:
                 value = json.loads(line)
@@ -91,8 +114,9 @@ class UPMCFood101(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file) or ``decode`` (every image decodes completely; slow).
+        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
+            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.
         seed: Seed of the ``max_samples`` subsets.
@@ -114,8 +138,8 @@ class UPMCFood101(FileSource):
     ) -> None:
         super().__init__(image_size, on_bad_sample, check_images, cache_size, max_samples, seed)
         self.root = self.existing_dir(root, "data.dataset.root", "UPMC Food-101")
-        if classes is not None and len(set(classes)) != len(classes):
-            raise ConfigError("data.dataset.classes: class names must be unique")
+        if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+            raise ConfigError("data.dataset.classes: give at least 2 class names, each once")
         self._classes = list(classes) if classes is not None else None
 
     @property
@@ -127,7 +151,7 @@ class UPMCFood101(FileSource):
             found = sorted(p.name for p in train.iterdir() if p.is_dir())
             if not found:
                 raise ConfigError(f"{train}: no class directories (expected images/train/<class>/<file>.jpg)")
-            self._classes = found
+            self._classes = self.enough_classes(found, f"{train} (its class directories)")
         return self._classes
 
     @property
@@ -144,6 +168,9 @@ class UPMCFood101(FileSource):
         records = []
         for k, (line, row) in enumerate(csv_rows(path)):
             where = f"{path} line {line}"
+            if problem := undecodable(row):
+                bad(where, problem)
+                continue
             if k == 0 and not row[0].strip().lower().endswith(IMAGE_SUFFIXES) and row[-1].strip() not in index:
                 continue  # a header row; the published files have none
             if len(row) != 3:
@@ -185,8 +212,9 @@ class MMIMDb(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file) or ``decode`` (every image decodes completely; slow).
+        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
+            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.
         seed: Seed of the ``max_samples`` subsets.
@@ -215,8 +243,8 @@ class MMIMDb(FileSource):
             raise ConfigError(f"data.dataset.plot: unknown {plot!r}; allowed: first, longest, all")
         self.include_dev, self.plot, self.items_dir = include_dev, plot, items_dir
         self.genres = list(genres) if genres is not None else list(MMIMDB_GENRES)
-        if not self.genres or len(set(self.genres)) != len(self.genres):
-            raise ConfigError("data.dataset.genres: give at least one genre, each once")
+        if len(self.genres) < 2 or len(set(self.genres)) != len(self.genres):
+            raise ConfigError("data.dataset.genres: give at least 2 genres, each once")
         self.num_classes = len(self.genres)
 
     def load(self) -> tuple[MultimodalData, MultimodalData]:
@@ -307,8 +335,9 @@ class HatefulMemes(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file) or ``decode`` (every image decodes completely; slow).
+        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
+            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.
         seed: Seed of the ``max_samples`` subsets.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import lightning as L
@@ -12,15 +14,49 @@ from torch import Tensor
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from fedilora.backbone import TINY_MODEL, register_model_configs
+from fedilora.data.duplicates import count_copies
+from fedilora.data.errors import DataError
 from fedilora.data.missing import MissingKind, missing_masks
 from fedilora.data.partition import dirichlet_partition, iid_partition, split_client
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.data.synthetic import SyntheticBenchmark
 from fedilora.errors import ConfigError
 
+log = logging.getLogger("fedilora.data")
+
 Split = Literal["train", "val", "test"]
 Condition = Literal["complete", "image_only", "text_only", "missing"]
 CONDITIONS: tuple[Condition, ...] = ("complete", "image_only", "text_only")
+
+# A CLIP BPE token spans at most 32 characters (the longest vocabulary entry), and words are one
+# space apart once whitespace is collapsed, so a text's first ``context_length`` tokens lie within
+# its first 33 * context_length characters; 64 leaves room for a cut at a space (see below).
+CHARS_PER_TOKEN = 64
+
+
+def tokenizer_input(text: str, max_chars: int) -> str:
+    """``text`` cut to at most ``max_chars`` characters for a tokenizer that keeps only its first tokens.
+
+    The tokenizer truncates a long text to its context length anyway, but tokenizes all of it first,
+    and open_clip's BPE takes time quadratic in a word's length (a 32 kB word without spaces: 23 s of
+    CPU here).
+    Whitespace runs are collapsed (as the tokenizers do) and the cut falls on a space when one lies in
+    the last quarter of the kept span, so a text with ordinary spacing keeps every token the tokenizer
+    would keep; a "word" longer than that (a base64 blob, say) is cut inside the word.
+    """
+    if len(text) <= max_chars:
+        return text
+    words = " ".join(text.split())
+    if len(words) <= max_chars:
+        return words
+    space = words.rfind(" ", max_chars - max_chars // 4, max_chars + 1)
+    return words[:space] if space > 0 else words[:max_chars]
+
+
+def tokenize_texts(tokenize: Callable[[list[str]], Tensor], texts: Sequence[str]) -> Tensor:
+    """Token ids of ``texts``, each cut first to what the tokenizer's context can hold (``tokenizer_input``)."""
+    max_chars = CHARS_PER_TOKEN * int(getattr(tokenize, "context_length", None) or 77)
+    return tokenize([tokenizer_input(t, max_chars) for t in texts])
 
 
 class _Batches(Dataset):
@@ -31,13 +67,23 @@ class _Batches(Dataset):
     files) are decoded only for the samples whose image is present: the model never looks at the
     pixels of a missing image (``zero`` multiplies them by 0, ``learned`` replaces the embedding), so
     those stay zero and cost no decoding.
+
+    An image that fails to decode raises a ``DataError`` naming the sample's file and line and
+    ``context`` (which client split or test set read it).
     """
 
     def __init__(
-        self, data: MultimodalData, tokens: Tensor, index: Tensor, image_present: Tensor, text_present: Tensor
+        self,
+        data: MultimodalData,
+        tokens: Tensor,
+        index: Tensor,
+        image_present: Tensor,
+        text_present: Tensor,
+        context: str = "",
     ):
         self.data, self.tokens, self.index = data, tokens, index
         self.image_present, self.text_present = image_present, text_present
+        self.context = context
 
     def __len__(self) -> int:
         return len(self.index)
@@ -56,9 +102,14 @@ class _Batches(Dataset):
 
     def _images(self, rows: Tensor, present: Tensor) -> Tensor:
         images = self.data.images
-        if isinstance(images, Tensor) or bool(present.all()):
+        if isinstance(images, Tensor):
             return images[rows]
-        decoded = images[rows[present]]
+        try:
+            decoded = images[rows if bool(present.all()) else rows[present]]
+        except DataError as err:
+            raise DataError(f"{self.context}: {err}" if self.context else str(err)) from None
+        if bool(present.all()):
+            return decoded
         out = decoded.new_zeros((len(rows), *decoded.shape[1:]))
         out[present] = decoded
         return out
@@ -140,6 +191,8 @@ class FederatedDataModule(L.LightningDataModule):
         self.tokenizer, self.seed = tokenizer, seed
         self.num_workers = num_workers
         self.clients: list[dict[Split, tuple[Tensor, Tensor, Tensor]]] = []
+        self.skipped: dict[str, int] = {}  # bad samples left out per split (on_bad_sample: skip)
+        self.duplicates: dict[str, int] = {}  # evaluation samples that copy a training sample (setup)
 
     @property
     def num_classes(self) -> int:
@@ -153,10 +206,12 @@ class FederatedDataModule(L.LightningDataModule):
         if self.clients:
             return
         pool, test = self.dataset.load()
+        self.skipped = dict(getattr(self.dataset, "skipped", {}))
+        self._require_two_classes(pool)
         register_model_configs()
         tokenize = open_clip.get_tokenizer(self.tokenizer)
         self.pool, self.test = pool, test
-        self.pool_tokens, self.test_tokens = tokenize(pool.texts), tokenize(test.texts)
+        self.pool_tokens, self.test_tokens = tokenize_texts(tokenize, pool.texts), tokenize_texts(tokenize, test.texts)
         if len(pool) < self.num_clients:
             raise ConfigError(
                 f"data.num_clients: {self.num_clients} clients but the training pool has only {len(pool)} samples"
@@ -179,6 +234,53 @@ class FederatedDataModule(L.LightningDataModule):
                 entry[split] = (index, *masks)
             self.clients.append(entry)
         self.test_masks = missing_masks(len(test), self.test_missing_rate, self.missing_kind, seed=self.seed * 7919 - 1)
+        self.duplicates = self._count_duplicates()
+
+    def _require_two_classes(self, pool: MultimodalData) -> None:
+        """A training pool of one class trains nothing and breaks the metrics: stop at setup instead."""
+        name = type(self.dataset).__name__
+        if self.task != "binary" and self.num_classes < 2:
+            raise DataError(f"{name}: {self.num_classes} class; a classifier needs at least 2")
+        labels = pool.labels
+        present = labels.unique().numel() if labels.dim() == 1 else int((labels.sum(dim=0) > 0).sum())
+        if present < 2:
+            if labels.dim() == 1:
+                label = int(labels[0])
+                classes = getattr(self.dataset, "classes", None)
+                what = f"the label {label}" + (f" ({classes[label]!r})" if classes else "")
+            else:
+                what = f"{present} label(s) in all"
+            raise DataError(
+                f"{name}: every one of the {len(pool)} training samples has {what}; a classifier needs samples of "
+                "at least 2 classes (check the label column and data.dataset.classes)"
+            )
+
+    def _count_duplicates(self) -> dict[str, int]:
+        """Count (and warn about) evaluation samples that are exact copies of training samples."""
+        train = torch.cat([entry["train"][0] for entry in self.clients])
+        held = torch.cat([torch.cat([entry["val"][0], entry["test"][0]]) for entry in self.clients])
+        everything = torch.arange(len(self.pool))
+        counts = {
+            "global_test": count_copies(self.pool, everything, self.test, torch.arange(len(self.test))),
+            "global_test_total": len(self.test),
+            "client_eval": count_copies(self.pool, train, self.pool, held),
+            "client_eval_total": len(held),
+        }
+        if counts["global_test"]:
+            log.warning(
+                "duplicates: %d of the %d global test samples are exact copies (same image bytes and text) of "
+                "samples in the clients' data; global test metrics overstate generalisation",
+                counts["global_test"],
+                counts["global_test_total"],
+            )
+        if counts["client_eval"]:
+            log.warning(
+                "duplicates: %d of the %d client validation/test samples are exact copies (same image bytes and "
+                "text) of client training samples; personalized metrics overstate generalisation",
+                counts["client_eval"],
+                counts["client_eval_total"],
+            )
+        return counts
 
     # ---------------------------------------------------------------------------- client views
     def num_train_samples(self, client: int) -> int:
@@ -187,7 +289,9 @@ class FederatedDataModule(L.LightningDataModule):
     def client_dataloader(self, client: int, split: Split, generator: torch.Generator | None = None) -> DataLoader:
         """Client ``client``'s ``split``; training batches are shuffled with ``generator``."""
         index, image_present, text_present = self.clients[client][split]
-        return self._loader(_Batches(self.pool, self.pool_tokens, index, image_present, text_present), split, generator)
+        context = f"client {client}'s {split} split"
+        batches = _Batches(self.pool, self.pool_tokens, index, image_present, text_present, context)
+        return self._loader(batches, split, generator)
 
     def global_test_dataloader(self, condition: Condition = "complete") -> DataLoader:
         """The global test set with every sample in ``condition``: ``complete``, ``image_only``,
@@ -199,7 +303,8 @@ class FederatedDataModule(L.LightningDataModule):
             image_present = torch.full((n,), condition != "text_only")
             text_present = torch.full((n,), condition != "image_only")
         index = torch.arange(n)
-        return self._loader(_Batches(self.test, self.test_tokens, index, image_present, text_present), "test", None)
+        batches = _Batches(self.test, self.test_tokens, index, image_present, text_present, "the global test set")
+        return self._loader(batches, "test", None)
 
     def conditions(self) -> tuple[Condition, ...]:
         return (*CONDITIONS, "missing") if self.test_missing_rate > 0 else CONDITIONS
@@ -220,7 +325,7 @@ class FederatedDataModule(L.LightningDataModule):
     def _pooled(self, split: Split) -> _Batches:
         parts = [self.clients[k][split] for k in range(self.num_clients)]
         index, image_present, text_present = (torch.cat(p) for p in zip(*parts, strict=True))
-        return _Batches(self.pool, self.pool_tokens, index, image_present, text_present)
+        return _Batches(self.pool, self.pool_tokens, index, image_present, text_present, f"the pooled {split} split")
 
     # --------------------------------------------- pooled views (centralized training, lightning.Trainer)
     def pooled_dataloader(self, split: Split, generator: torch.Generator | None = None) -> DataLoader:

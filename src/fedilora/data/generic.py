@@ -8,7 +8,16 @@ from pathlib import Path
 from typing import Literal
 
 from fedilora.data.benchmarks import csv_rows, jsonl_rows
-from fedilora.data.files import BadSamples, CheckImages, FileSource, OnBadSample, Record, text_problem
+from fedilora.data.errors import DataError
+from fedilora.data.files import (
+    BadSamples,
+    CheckImages,
+    FileSource,
+    OnBadSample,
+    Record,
+    text_problem,
+    undecodable,
+)
 from fedilora.data.source import MultimodalData, Task
 from fedilora.errors import ConfigError
 
@@ -49,9 +58,9 @@ class MultimodalTable(FileSource):
         image_column: Column (CSV header name or JSON key) of the image path.
         text_column: Column of the text.
         label_column: Column of the label(s).
-        classes: Class names in label order. Default: the distinct labels found in the files, sorted
-            (numbers numerically); for ``binary``: ``["0", "1"]``. A label outside a given list is a
-            bad sample.
+        classes: Class names in label order (at least 2). Default: the distinct labels found in the
+            files, sorted (numbers numerically); for ``binary``: ``["0", "1"]``. A label outside a
+            given list is a bad sample.
         label_separator: Separator of the labels in a multi-label CSV cell or string.
         delimiter: CSV field delimiter (default: tab for ``.tsv``, comma otherwise).
         format: ``auto`` (from the file extension), ``csv`` or ``jsonl``.
@@ -60,8 +69,9 @@ class MultimodalTable(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file) or ``decode`` (every image decodes completely; slow).
+        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
+            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.
         seed: Seed of the held-out test split and of the ``max_samples`` subsets.
@@ -84,7 +94,7 @@ class MultimodalTable(FileSource):
         format: Literal["auto", "csv", "jsonl"] = "auto",
         image_size: int = 224,
         on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "header",
+        check_images: CheckImages = "auto",
         cache_size: int = 1024,
         max_samples: int | None = None,
         seed: int = 0,
@@ -96,8 +106,8 @@ class MultimodalTable(FileSource):
             raise ConfigError(f"data.dataset.format: unknown {format!r}; allowed: auto, csv, jsonl")
         if test_path is None and not 0.0 < test_fraction < 1.0:
             raise ConfigError(f"data.dataset.test_fraction: must be in (0, 1) without a test_path, got {test_fraction}")
-        if classes is not None and (not classes or len(set(classes)) != len(classes)):
-            raise ConfigError("data.dataset.classes: give at least one class name, each once")
+        if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
+            raise ConfigError("data.dataset.classes: give at least 2 class names, each once")
         if task == "binary" and classes is not None and len(classes) != 2:
             raise ConfigError(f"data.dataset.classes: a binary task has 2 classes (negative, positive), got {classes}")
         if not label_separator:
@@ -125,8 +135,10 @@ class MultimodalTable(FileSource):
             pool, test, _, _ = self._parse()
             found = {name for rows in (pool, test or []) for *_, names in rows for name in names}
             if not found:
-                raise ConfigError(f"{self.path}: no labels found in column {self.label_column!r}")
-            self._classes = sorted(found, key=_natural_key)
+                raise DataError(f"{self.path}: no labels found in column {self.label_column!r}")
+            files = f"{self.path}" + (f" and {self.test_path}" if self.test_path not in (None, self.path) else "")
+            found_in = f"{files} (column {self.label_column!r})"
+            self._classes = self.enough_classes(sorted(found, key=_natural_key), found_in)
         return self._classes
 
     @property
@@ -143,7 +155,7 @@ class MultimodalTable(FileSource):
             random.Random(f"{self.seed}:holdout").shuffle(order)
             n_test = max(1, round(self.test_fraction * len(pool)))
             if n_test >= len(pool):
-                raise ConfigError(
+                raise DataError(
                     f"{self.path}: {len(pool)} usable samples are too few to hold out a test set "
                     f"(data.dataset.test_fraction {self.test_fraction}); give data.dataset.test_path"
                 )
@@ -194,7 +206,9 @@ class MultimodalTable(FileSource):
             records = csv_rows(path, delimiter)
             first = next(records, None)
             if first is None:
-                raise ConfigError(f"{path}: empty file (expected a header row naming the columns)")
+                raise DataError(f"{path}: empty file (expected a header row naming the columns)")
+            if problem := undecodable(first[1]):
+                raise DataError(f"{path} line {first[0]}: the header row is {problem}")
             header = [cell.strip() for cell in first[1]]
             missing = [c for c in columns if c not in header]
             if missing:
@@ -204,6 +218,9 @@ class MultimodalTable(FileSource):
                 where = f"{path} line {line}"
                 if len(cells) != len(header):
                     bad(where, f"expected {len(header)} columns (as the header row), got {len(cells)}")
+                    continue
+                if problem := undecodable(cells):
+                    bad(where, problem)
                     continue
                 row = self._row(where, path, *(cells[p] for p in position), bad)
                 if row is not None:
@@ -230,6 +247,9 @@ class MultimodalTable(FileSource):
         names = self._label_names(label)
         if names is None:
             bad(where, f"no label in {self.label_column!r}")
+            return None
+        if problem := undecodable(names, decoded=True):  # a JSON escape of a lone surrogate would be a new class
+            bad(where, f"label {problem}")
             return None
         return where, file.parent / image.strip(), text, names
 

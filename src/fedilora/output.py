@@ -1,0 +1,157 @@
+"""What a run writes: TensorBoard logs, the resolved config and missing-modality masks next to them,
+checkpoints, ``results.json`` and the results table. Only the writing process (rank 0) writes files;
+checkpoints are written through Fabric by every process together."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import TensorBoardLogger
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fedilora.checkpoint import checkpoint_path, prune, save_checkpoint
+from fedilora.errors import ConfigError
+
+
+class RunOutput:
+    """The run folder ``root_dir/name/version_N`` of one TensorBoard logger.
+
+    Args:
+        logger: The run's TensorBoard logger (its ``log_dir`` is the run folder).
+        is_writer: Whether this process writes files and prints (rank 0 of a multi-process run).
+    """
+
+    def __init__(self, logger: TensorBoardLogger, is_writer: bool = True) -> None:
+        self.logger, self.is_writer = logger, is_writer
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.logger.log_dir)
+
+    def write_run_files(self, config_yaml: str | None, masks: Mapping[str, Tensor]) -> None:
+        """The resolved config (``config.yaml``) and the clients' missing-modality masks."""
+        if not self.is_writer:
+            return
+        try:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            if config_yaml is not None:
+                (self.log_dir / "config.yaml").write_text(config_yaml)
+            save_file({k: v.contiguous() for k, v in masks.items()}, str(self.log_dir / "missing_masks.safetensors"))
+        except OSError as err:
+            raise ConfigError(
+                f"trainer.root_dir: cannot write the run directory {self.log_dir} ({err.strerror})"
+            ) from None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.logger.log_metrics(dict(metrics), step=step)  # the logger writes on rank 0 only
+
+    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        if self.is_writer:
+            self.logger.experiment.add_histogram(tag, values, step)
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self.is_writer:
+            self.logger.experiment.add_text(tag, text, step)
+
+    def save_checkpoint(self, fabric: Fabric, state: dict, keep_last: int) -> Path:
+        """``checkpoints/round-NNNN.ckpt`` of ``state`` (atomic, every process takes part), keeping the
+        ``keep_last`` newest."""
+        path = checkpoint_path(self.log_dir, state["completed_rounds"])
+        try:
+            save_checkpoint(fabric, path, state)
+        except OSError as err:
+            raise ConfigError(f"trainer.root_dir: cannot write checkpoint {path} ({err.strerror})") from None
+        if self.is_writer:
+            prune(path.parent, keep_last)
+        return path
+
+    def write_results(self, results: Mapping) -> None:
+        """``results.json`` and the results table on stdout."""
+        if self.is_writer:
+            (self.log_dir / "results.json").write_text(json.dumps(results, indent=2))
+            print(format_results(results))
+
+    def finalize(self, status: str) -> None:
+        self.logger.finalize(status)
+
+
+def run_results(
+    history: Sequence[Mapping[str, float]],
+    *,
+    aggregator: str,
+    callbacks: Sequence[str],
+    rounds: int,
+    num_clients: int,
+    ranks: Sequence[int],
+    conditions: Sequence[str],
+    seconds: float,
+    log_dir: Path,
+    problem: str | None = None,
+) -> dict:
+    """The final results of a run: the last evaluation of ``history`` (one metrics dict per round) and
+    what ran; ``problem`` says why the run is not a success (``fedilora.server.run_problem``)."""
+    final = history[-1]
+    global_ = {
+        condition: {k.split("/")[2]: v for k, v in final.items() if k.startswith(f"global/{condition}/")}
+        for condition in conditions
+    }
+    personalized = {k.split("/")[2]: v for k, v in final.items() if k.startswith("personalized/mean/")}
+    return {
+        "aggregator": aggregator,
+        "callbacks": list(callbacks),
+        "rounds": rounds,
+        "num_clients": num_clients,
+        "ranks": list(ranks),
+        "global": global_,
+        "personalized": personalized,
+        "personalized_clients": int(final.get("personalized/num_clients", 0)),
+        "skipped_rounds": int(sum(h.get("round/skipped", 0.0) for h in history)),
+        "rejected_updates": int(sum(h.get("round/rejected_updates", 0.0) for h in history)),
+        "problem": problem,
+        "wall_time_s": seconds,
+        "log_dir": str(log_dir),
+    }
+
+
+_CONDITION_NAMES = {
+    "complete": "complete",
+    "image_only": "image only",
+    "text_only": "text only",
+    "missing": "as configured",
+}
+
+
+def format_results(results: Mapping) -> str:
+    """The results table printed at the end of a run (Markdown); a run that is not a success says so."""
+    names = list(next(iter(results["global"].values()), {}))
+    header = ["evaluation", *names]
+    rows = [[f"global, {_CONDITION_NAMES[c]}", *(_cell(v.get(n)) for n in names)] for c, v in results["global"].items()]
+    if results["personalized"]:
+        label = f"personalized, mean of {results['personalized_clients']} clients"
+        rows.append([label, *(_cell(results["personalized"].get(n)) for n in names)])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    callbacks = ", ".join(results["callbacks"]) or "none"
+    problem = results.get("problem")
+    return "\n".join(
+        [
+            "",
+            f"{results['aggregator']} (callbacks: {callbacks}), {results['rounds']} rounds, "
+            f"{results['num_clients']} clients, "
+            f"ranks {results['ranks']}, {results['wall_time_s']:.1f} s",
+            line(header),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *(line(r) for r in rows),
+            *([f"NOT A SUCCESS: {problem}"] if problem else []),
+            f"logs: {results['log_dir']}",
+        ]
+    )
+
+
+def _cell(value: float | None) -> str:
+    return f"{math.nan if value is None else value:.4f}"

@@ -1,0 +1,366 @@
+"""The server side of a federated round, independent of transport and of the engine that drives it.
+
+``FederatedServer`` holds the global adapter and head, every client's personalized state and the
+aggregator. Per round it gives the plan (which clients, at which rank), each client's payload (the
+global adapter truncated to its rank), and turns the uploaded updates into the next global state:
+fault filter, aggregation with any ``Aggregator``, head averaging by sample count. The Fabric engine
+(``fedilora.trainer``) and the Flower apps drive the same object; neither writes round logic of its own.
+
+Fault filter, in order (a rejected update is left out of the aggregation and of the personalized models):
+
+1. ``check_update``, per update: NaN/Inf anywhere (LoRA or head), or an L2 distance from what the
+   client received above ``max_update_norm`` (off by default).
+2. ``outliers``, over the round: with at least ``MIN_UPDATES_FOR_MEDIAN`` updates left, an update whose
+   norm exceeds ``update_norm_factor`` times the round's median norm (default 10; ``null`` turns it
+   off). It holds while fewer than half of a round's updates are poisoned.
+3. A round with fewer than ``min_clients_per_round`` updates left is skipped: the global state stays.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from fedilora.aggregation import Aggregator, ClientUpdate, State, nbytes, sample_weights, weighted_average
+from fedilora.errors import ConfigError
+
+POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
+#: the robust norm rule needs this many finite updates in a round for its median to mean something
+MIN_UPDATES_FOR_MEDIAN = 3
+
+Personal = tuple[int, State, State]  # (rank, lora, extra) of one client's personalized model
+
+
+def strategy_name(obj: object) -> str:
+    """The class name, without jsonargparse's ``LazyInstance_`` prefix of lazily built defaults."""
+    return type(obj).__name__.removeprefix("LazyInstance_")
+
+
+# ----------------------------------------------------------------------------------------- round plan
+def client_seed(seed: int, round: int, client: int) -> int:
+    """The seed of one client's local training in one round: independent of which process trains it."""
+    return ((seed * 1_000_003 + round) * 1_000_033 + client) % (2**62)
+
+
+def sample_clients(num_clients: int, per_round: int, seed: int, round: int) -> list[int]:
+    """The clients of ``round``: a seeded draw without replacement (a function of the round only)."""
+    generator = torch.Generator().manual_seed(seed * 7919 + round)
+    return sorted(torch.randperm(num_clients, generator=generator)[:per_round].tolist())
+
+
+def round_plan(
+    aggregator: Aggregator, ranks: Sequence[int], per_round: int, global_rank: int, seed: int, round: int
+) -> list[tuple[int, int]]:
+    """``(client, rank)`` pairs trained in ``round`` (``POOLED`` stands for the union of all clients)."""
+    if aggregator.pooled:
+        return [(POOLED, global_rank)]
+    return [(c, ranks[c]) for c in sample_clients(len(ranks), per_round, seed, round)]
+
+
+# -------------------------------------------------------------------------------------- configuration
+def client_ranks(ranks: int | Sequence[int], num_clients: int) -> list[int]:
+    """One LoRA rank per client from ``trainer.ranks`` (a single rank for all, or a list)."""
+    if isinstance(ranks, int):
+        return [ranks] * num_clients
+    if len(ranks) != num_clients:
+        raise ConfigError(
+            f"trainer.ranks: {len(ranks)} ranks given but data.num_clients is {num_clients}; "
+            "give one rank per client or a single rank for all"
+        )
+    return list(ranks)
+
+
+def clients_per_round(value: int | float, num_clients: int) -> int:
+    """How many clients a round samples, from ``trainer.clients_per_round`` (a count or a fraction)."""
+    if isinstance(value, float):
+        return max(1, round(value * num_clients))
+    if value > num_clients:
+        raise ConfigError(f"trainer.clients_per_round: {value} is more than data.num_clients ({num_clients})")
+    return value
+
+
+def check_federation(
+    aggregator: Aggregator,
+    ranks: Sequence[int],
+    per_round: int,
+    min_clients_per_round: int,
+    lora_alpha: float | None,
+    model_labels: tuple[int, str],
+    data_labels: tuple[int, str],
+) -> None:
+    """Refuse combinations of options that cannot run (one ``ConfigError`` naming the option)."""
+    if aggregator.requires_equal_ranks and len(set(ranks)) > 1:
+        raise ConfigError(
+            f"trainer.aggregator: {strategy_name(aggregator)} needs every client to have the same rank, "
+            f"got trainer.ranks={list(ranks)}"
+        )
+    if aggregator.needs_constant_scale and lora_alpha is not None:
+        raise ConfigError(
+            f"trainer.aggregator: {strategy_name(aggregator)} multiplies B @ A with one LoRA scale for all "
+            "ranks; set model.lora_alpha: null (constant scale)"
+        )
+    if model_labels != data_labels:
+        raise ConfigError(
+            f"model.num_classes/task ({model_labels[0]}, {model_labels[1]}) do not match the data "
+            f"({data_labels[0]}, {data_labels[1]})"
+        )
+    if min_clients_per_round > (1 if aggregator.pooled else per_round):
+        raise ConfigError(
+            f"trainer.min_clients_per_round: {min_clients_per_round} is more than the {per_round} clients "
+            "sampled per round: every round would be skipped"
+        )
+
+
+# ---------------------------------------------------------------------------------------- fault filter
+def update_norm(update: ClientUpdate, lora: Mapping[str, Tensor], extra: Mapping[str, Tensor]) -> float:
+    """L2 distance of the update (LoRA and head together) from what the client received (float64)."""
+    squared = torch.zeros((), dtype=torch.float64)
+    for new, old in ((update.lora, lora), (update.extra, extra)):
+        for key, value in new.items():
+            squared += (value.double() - old[key].double().to(value.device)).square().sum().cpu()
+    return float(squared.sqrt())
+
+
+def check_update(
+    update: ClientUpdate,
+    lora: Mapping[str, Tensor],
+    extra: Mapping[str, Tensor],
+    max_update_norm: float | None = None,
+) -> str | None:
+    """Why ``update`` must not be aggregated (non-finite values, or too large a change), or None.
+
+    ``lora``/``extra`` are what the client received. Sets ``update.metrics["update_norm"]``, which the
+    round's outlier rule (``outliers``) reads.
+    """
+    for state in (update.lora, update.extra):
+        for key, value in state.items():
+            if not torch.isfinite(value).all():
+                return f"non-finite values in {key}"
+    norm = update_norm(update, lora, extra)
+    update.metrics["update_norm"] = norm
+    if max_update_norm is not None and norm > max_update_norm:
+        return f"update norm {norm:.4g} exceeds trainer.max_update_norm={max_update_norm}"
+    return None
+
+
+def outliers(norms: Sequence[float], factor: float | None) -> tuple[list[int], float]:
+    """Positions of the norms above ``factor`` x their median, and the largest norm / median ratio.
+
+    Needs ``MIN_UPDATES_FOR_MEDIAN`` norms and a positive median; otherwise nothing is an outlier and
+    the ratio is NaN. ``factor`` None computes the ratio but rejects nothing.
+    """
+    if len(norms) < MIN_UPDATES_FOR_MEDIAN:
+        return [], math.nan
+    median = statistics.median(norms)
+    if not median > 0:
+        return [], math.nan
+    far = [i for i, n in enumerate(norms) if factor is not None and n > factor * median]
+    return far, max(norms) / median
+
+
+# --------------------------------------------------------------------------------------- the round step
+@dataclass
+class RoundResult:
+    """What the server did with one round's uploads."""
+
+    round: int
+    updates: list[ClientUpdate]  # accepted, in plan order
+    rejected: list[tuple[int, str]]  # (client, why), in plan order
+    skipped: bool  # too few accepted updates: the global state is unchanged
+    #: dW per module that this round merged into the base weights (FLoRA); every model copy must add it
+    base_delta: State = field(default_factory=dict)
+    norm_ratio: float = math.nan  # largest update norm / the round's median (NaN: too few updates)
+
+    def warnings(self, min_clients_per_round: int) -> list[str]:
+        lines = [
+            f"warning: round {self.round}: client {client} left out of the aggregation ({why})"
+            for client, why in self.rejected
+        ]
+        if self.skipped:
+            lines.append(
+                f"warning: round {self.round} skipped: {len(self.updates)} healthy update(s), fewer than "
+                f"trainer.min_clients_per_round={min_clients_per_round}; the global model is unchanged"
+            )
+        return lines
+
+    def metrics(self, communicates: bool, downloaded: int, seconds: float) -> dict[str, float]:
+        """The round's logged figures (``downloaded``: bytes the clients received to start the round)."""
+        updates = self.updates
+        metrics = {f"client/{u.client_id}/train_loss": u.train_loss for u in updates}
+        metrics.update(
+            {
+                "train/loss": sum(u.train_loss for u in updates) / len(updates) if updates else math.nan,
+                "comm/bytes_uploaded": float(sum(u.nbytes() for u in updates)) if communicates else 0.0,
+                "comm/bytes_downloaded": float(downloaded) if communicates else 0.0,
+                "round/num_clients": float(len(updates)),
+                "round/rejected_updates": float(len(self.rejected)),
+                "round/skipped": float(self.skipped),
+                "round/time_s": seconds,
+            }
+        )
+        if not math.isnan(self.norm_ratio):  # defined with enough updates only
+            metrics["round/update_norm_ratio"] = self.norm_ratio
+        return metrics
+
+
+class FederatedServer:
+    """Global state, personalized states and the round step of one federation.
+
+    Args:
+        aggregator: The strategy (``setup(scale=...)`` already called).
+        ranks: LoRA rank of every client.
+        per_round: Clients sampled per round.
+        global_rank: Rank of the global adapter.
+        seed: The run's seed (client sampling).
+        global_lora: The initial global adapter (rank ``global_rank``).
+        global_extra: The initial head (and other non-LoRA trainable tensors).
+        min_clients_per_round: A round with fewer accepted updates is skipped.
+        max_update_norm: Reject an update farther than this from what its client received (None: off).
+        update_norm_factor: Reject an update whose norm exceeds this many times the round's median
+            norm, with at least ``MIN_UPDATES_FOR_MEDIAN`` updates (None: off).
+    """
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        ranks: Sequence[int],
+        per_round: int,
+        global_rank: int,
+        seed: int,
+        global_lora: State,
+        global_extra: State,
+        min_clients_per_round: int = 1,
+        max_update_norm: float | None = None,
+        update_norm_factor: float | None = 10.0,
+    ) -> None:
+        self.aggregator, self.ranks, self.per_round = aggregator, list(ranks), per_round
+        self.global_rank, self.seed = global_rank, seed
+        self.min_clients_per_round = min_clients_per_round
+        self.max_update_norm, self.update_norm_factor = max_update_norm, update_norm_factor
+        self.global_lora, self.global_extra = global_lora, global_extra
+        self.personal: dict[int, Personal] = {}
+
+    @property
+    def merges_into_base(self) -> bool:
+        return bool(getattr(self.aggregator, "merges_into_base", False))
+
+    def plan(self, round: int) -> list[tuple[int, int]]:
+        return round_plan(self.aggregator, self.ranks, self.per_round, self.global_rank, self.seed, round)
+
+    def payload(self, client: int, rank: int) -> tuple[State, State]:
+        """What ``client`` starts its round from: the global adapter truncated to ``rank`` and the head;
+        under ``Local`` (no communication) its own previous model, once it has one."""
+        if not self.aggregator.communicates and client in self.personal:
+            _, lora, extra = self.personal[client]
+            return lora, extra
+        return self.aggregator.broadcast(self.global_lora, rank), self.global_extra
+
+    def download_nbytes(self, lora: Mapping[str, Tensor], extra: Mapping[str, Tensor]) -> int:
+        """Bytes a client downloads to start a round from this payload."""
+        return self.aggregator.download_nbytes(lora) + nbytes(extra)
+
+    def check(self, update: ClientUpdate, lora: Mapping[str, Tensor], extra: Mapping[str, Tensor]) -> str | None:
+        """``check_update`` with this server's ``max_update_norm`` (``lora``/``extra``: the payload sent)."""
+        return check_update(update, lora, extra, self.max_update_norm)
+
+    def aggregate(
+        self, round: int, updates: Sequence[ClientUpdate], rejected: Sequence[tuple[int, str]] = ()
+    ) -> RoundResult:
+        """Apply one round's uploads: outlier rule, personalized states, skip rule, aggregation, head.
+
+        ``updates`` passed ``check`` (they carry ``metrics["update_norm"]``); ``rejected`` are the
+        clients already left out (an exception, or ``check`` failed), kept for the report.
+        """
+        updates, rejected = list(updates), list(rejected)
+        missing = [u.client_id for u in updates if "update_norm" not in u.metrics]
+        if missing:
+            raise ValueError(f"updates of clients {missing} were not checked (FederatedServer.check) before aggregate")
+        far, ratio = outliers([u.metrics["update_norm"] for u in updates], self.update_norm_factor)
+        if far:
+            median = statistics.median(u.metrics["update_norm"] for u in updates)
+            for i in far:
+                norm = updates[i].metrics["update_norm"]
+                rejected.append(
+                    (
+                        updates[i].client_id,
+                        f"update norm {norm:.4g} is {norm / median:.1f}x the round's median {median:.4g}, above "
+                        f"trainer.update_norm_factor={self.update_norm_factor}",
+                    )
+                )
+            updates = [u for i, u in enumerate(updates) if i not in set(far)]
+        for update in updates:
+            if update.client_id != POOLED:  # personalized states wait on the CPU, not in device memory
+                self.personal[update.client_id] = (update.rank, _cpu(update.lora), _cpu(update.extra))
+        skipped = len(updates) < self.min_clients_per_round
+        delta: State = {}
+        aggregator = self.aggregator
+        if not skipped and (aggregator.communicates or aggregator.pooled):
+            self.global_lora = aggregator.aggregate(self.global_lora, updates)
+            self.global_extra = weighted_average([u.extra for u in updates], sample_weights(updates))
+            if self.merges_into_base:
+                delta = aggregator.last_delta
+        order = {client: i for i, (client, _) in enumerate(self.plan(round))}
+        rejected.sort(key=lambda r: order.get(r[0], len(order)))
+        return RoundResult(round, updates, rejected, skipped, delta, ratio)
+
+    # --------------------------------------------------------------------------------- evaluation
+    def global_models(self) -> list[Personal]:
+        """The models evaluated as "global": the global state; under ``Local`` (nothing shared) every
+        client's own model, whose figures are averaged."""
+        if self.aggregator.communicates or self.aggregator.pooled:
+            return [(self.global_rank, self.global_lora, self.global_extra)]
+        return list(self.personal.values())
+
+    def personalized_models(self, num_clients: int) -> dict[int, Personal]:
+        """Every client's personalized model; ``Centralized`` has none: its pooled model stands for each."""
+        if self.aggregator.pooled:
+            return dict.fromkeys(range(num_clients), (self.global_rank, self.global_lora, self.global_extra))
+        return dict(sorted(self.personal.items()))
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def merged_modules(self) -> list[str]:
+        """Modules whose base weights the aggregator changed (FLoRA's merges); a checkpoint keeps them."""
+        return list(getattr(self.aggregator, "merged", {})) if self.merges_into_base else []
+
+    def state_dict(self) -> dict:
+        """The server's state (references, not copies: the round step replaces tensors, never changes them)."""
+        aggregator = self.aggregator
+        return {
+            "global_lora": self.global_lora,
+            "global_extra": self.global_extra,
+            "personal": {str(c): {"rank": r, "lora": lo, "extra": ex} for c, (r, lo, ex) in self.personal.items()},
+            "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else {},
+        }
+
+    def load_state_dict(self, state: Mapping, device: torch.device | str = "cpu") -> None:
+        self.global_lora = {k: v.to(device) for k, v in state["global_lora"].items()}
+        self.global_extra = {k: v.to(device) for k, v in state["global_extra"].items()}
+        self.personal = {
+            int(c): (p["rank"], {k: v.to(device) for k, v in p["lora"].items()},
+                     {k: v.to(device) for k, v in p["extra"].items()})
+            for c, p in state["personal"].items()
+        }  # fmt: skip
+        if hasattr(self.aggregator, "load_state_dict"):
+            self.aggregator.load_state_dict(state["aggregator"])
+
+
+def run_problem(skipped: Sequence[bool], rounds: int) -> str | None:
+    """Why a finished run must not count as a success: no round aggregated anything, or more than half
+    of its ``rounds`` were skipped (too few healthy updates). ``skipped``: one flag per completed round."""
+    count = sum(bool(s) for s in skipped)
+    if count == 0 or 2 * count <= rounds:
+        return None
+    what = "every round was skipped" if count >= rounds else f"{count} of {rounds} rounds were skipped"
+    return (
+        f"{what}: too few healthy client updates to aggregate (see the warnings above for each client's "
+        "reason); the global model is not trained as configured"
+    )
+
+
+def _cpu(state: Mapping[str, Tensor]) -> State:
+    return {k: v.cpu() for k, v in state.items()}
