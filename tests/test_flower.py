@@ -255,15 +255,14 @@ def federation(tmp_path):
     yield fed
     fed.close()
     for process in fed.processes:  # nothing this test started is left running
-        with pytest.raises(ProcessLookupError):
-            os.killpg(process.pid, 0)
+        assert not process.group_alive(), f"{process.name}: process group {process.pid} still has processes"
 
 
 @pytest.mark.slow
 def test_simulation_equals_fedilora_fit(federation, tmp_path):
     """3 clients of ranks 8/4/2, FediLoRA with model editing: the Flower simulation engine gives the
     global adapter, head, personalized states and every logged metric of ``fedilora fit``."""
-    overrides = [*BASE_OVERRIDES, "--trainer.rounds=2", "--trainer.ranks=[8,4,2]", "--trainer.eval_every=1"]
+    overrides = [*BASE_OVERRIDES, "--trainer.rounds=2", "--trainer.ranks=[8,4,2]", "--trainer.eval_every=2"]
     fit = fit_reference(tmp_path / "runs", "fit", overrides)
     federation.simulation = True
     federation.start_superlink()
@@ -291,13 +290,11 @@ def test_simulation_equals_fedilora_fit(federation, tmp_path):
 
 @pytest.mark.slow
 def test_failed_run_is_reported(federation):
-    """``flwr run`` exits 0 when the ServerApp fails; ``Federation.run`` reads the run's status instead."""
-    federation.simulation = True
+    """``flwr run`` exits 0 when the ServerApp fails; ``Federation.run`` reads the run's status instead,
+    and the failure names the bad option."""
     federation.start_superlink()
     with pytest.raises(FlowerRunError, match=r"finished:failed.*trainer.rounds: must be >= 1"):
-        federation.run(
-            APP, {"config": "configs/demo.yaml", "overrides": "--trainer.rounds=0"}, "num-supernodes=1", timeout=300
-        )
+        federation.run(APP, {"config": "configs/demo.yaml", "overrides": "--trainer.rounds=0"}, timeout=300)
 
 
 class FailFrom(FederatedCallback):
@@ -315,13 +312,13 @@ class FailFrom(FederatedCallback):
 def test_deployment_equals_fit_and_leaves_a_killed_client_out(federation, tmp_path):
     """FLoRA (base merge every round) with a SuperLink and 3 SuperNodes (ranks 8/4/2 from their node
     config, keep-alive workers) on 127.0.0.1. Client 2's SuperNode is killed (SIGKILL, its whole process
-    group) while round 1 trains: it is left out of rounds 1 and 2 exactly as a client that fails in
-    those rounds is in ``fedilora fit``, and the global state equals that run's bit for bit."""
+    group) while round 1 trains: it is left out of round 1 exactly as a client that fails there is in
+    ``fedilora fit``, and the global state equals that run's bit for bit after each round."""
     overrides = [
         *BASE_OVERRIDES,
-        "--trainer.rounds=3",
+        "--trainer.rounds=2",
         "--trainer.ranks=[8,4,2]",
-        "--trainer.eval_every=3",
+        "--trainer.eval_every=2",
         "--trainer.aggregator=FLoRA",
         "--trainer.callbacks=[]",
     ]
@@ -340,12 +337,14 @@ def test_deployment_equals_fit_and_leaves_a_killed_client_out(federation, tmp_pa
         assert time.monotonic() < deadline, victim.tail()
         time.sleep(0.05)
     victim.signal_group(signal.SIGKILL)
+    killed = time.monotonic()
     federation.wait(run_id, timeout=900)
+    print(f"the run ended {time.monotonic() - killed:.0f} s after the kill")
     deploy = tmp_path / "runs" / "deploy" / "version_0"
-    for rounds in (1, 2, 3):
+    for rounds in (1, 2):
         assert_same_states(load(fit, rounds), load(deploy, rounds))
-    a, b = load(fit, 3), load(deploy, 3)
-    assert [h["round/rejected_updates"] for h in b["history"]] == [0.0, 1.0, 1.0]
+    a, b = load(fit, 2), load(deploy, 2)
+    assert [h["round/rejected_updates"] for h in b["history"]] == [0.0, 1.0]
     # the lost node's personalized model cannot be evaluated on its own data: 2 clients instead of 3
     lost = ("personalized/mean", "personalized/client_2", "personalized/num_clients")
     assert_same_history(a["history"], b["history"], skip=lambda key: key.startswith(lost))

@@ -76,15 +76,29 @@ class Process:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
 
+    def group_alive(self) -> bool:
+        """Whether any process of the group is left (zombies not yet reaped included)."""
+        try:
+            os.killpg(self.popen.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the process group (a SuperNode unregisters), then SIGKILL what is left after ``grace``."""
+        """SIGTERM the process group (a SuperNode unregisters), then SIGKILL what is left after ``grace``,
+        and wait until the group is gone."""
         if self.alive():
             self.signal_group(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(grace)
-        self.signal_group(signal.SIGKILL)  # children (SuperExec, ClientApps) of a group leader that exited
+        self.signal_group(signal.SIGKILL)  # children (SuperExec, ClientApps, workers) of a leader that exited
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(5)
+        deadline = time.monotonic() + 10  # orphans are reaped by init: give it a moment
+        while self.group_alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def tail(self, chars: int = 4000) -> str:
         try:
