@@ -259,33 +259,34 @@ def federation(tmp_path):
 
 
 @pytest.mark.slow
-def test_simulation_equals_fedilora_fit(federation, tmp_path):
-    """3 clients of ranks 8/4/2, FediLoRA with model editing: the Flower simulation engine gives the
-    global adapter, head, personalized states and every logged metric of ``fedilora fit``."""
-    overrides = [*BASE_OVERRIDES, "--trainer.rounds=2", "--trainer.ranks=[8,4,2]", "--trainer.eval_every=2"]
-    fit = fit_reference(tmp_path / "runs", "fit", overrides)
+def test_simulation_equals_fedilora_fit_across_a_server_restart(federation, tmp_path):
+    """3 clients of ranks 8/4/2, FediLoRA with model editing, on the Flower simulation engine: a first
+    run stops after round 1; a new run (a new ServerApp process) resumes from its checkpoint
+    (``ckpt-path``) and does round 2. Global adapter, head, personalized states and every logged metric
+    equal those of one uninterrupted ``fedilora fit`` run, bit for bit."""
+    overrides = [*BASE_OVERRIDES, "--trainer.ranks=[8,4,2]", "--trainer.eval_every=1"]
+    fit = fit_reference(tmp_path / "runs", "fit", [*overrides, "--trainer.rounds=2"])
     federation.simulation = True
     federation.start_superlink()
-    flower_overrides = " ".join([*overrides, f"--trainer.root_dir={tmp_path / 'runs'}", "--trainer.name=sim"])
-    federation.run(
-        APP,
-        {"config": "configs/demo.yaml", "overrides": flower_overrides},
-        federation_config="num-supernodes=3 client-resources-num-cpus=2",
-        timeout=900,
-    )
-    sim = tmp_path / "runs" / "sim" / "version_0"
-    for rounds in (1, 2):
-        assert_same_states(load(fit, rounds), load(sim, rounds))
-    a, b = load(fit, 2), load(sim, 2)
+    flower_overrides = [*overrides, f"--trainer.root_dir={tmp_path / 'runs'}", "--trainer.name=sim"]
+    simulation = "num-supernodes=3 client-resources-num-cpus=2"
+    first = {"config": "configs/demo.yaml", "overrides": " ".join([*flower_overrides, "--trainer.rounds=1"])}
+    federation.run(APP, first, simulation, timeout=900)
+    second = {**first, "overrides": " ".join([*flower_overrides, "--trainer.rounds=2"]), "ckpt-path": "last"}
+    federation.run(APP, second, simulation, timeout=900)
+    runs = tmp_path / "runs" / "sim"
+    assert_same_states(load(fit, 1), load(runs / "version_0", 1))
+    a, b = load(fit, 2), load(runs / "version_1", 2)  # the resumed run writes a new version folder
+    assert_same_states(a, b)
     for client in range(3):
         for part in ("lora", "extra"):
             for key, value in a["personal"][str(client)][part].items():
                 assert torch.equal(value, b["personal"][str(client)][part][key])
     assert_same_history(a["history"], b["history"])
-    assert a["history"][-1]["personalized/num_clients"] == 3.0
+    assert b["history"][-1]["personalized/num_clients"] == 3.0
     for name in ("results.json", "config.yaml", "missing_masks.safetensors"):
-        assert (sim / name).is_file()
-    assert list(sim.glob("events.out.tfevents.*"))  # TensorBoard logs
+        assert (runs / "version_1" / name).is_file()
+    assert list((runs / "version_1").glob("events.out.tfevents.*"))  # TensorBoard logs
 
 
 @pytest.mark.slow
