@@ -90,6 +90,41 @@ def test_info_rebuilds_only_fedilora_dataclasses():
     }
 
 
+# ------------------------------------------------------------------------------------- node config
+def test_node_identity_from_node_config():
+    from fedilora.flower.client_work import node_identity
+
+    assert node_identity({"partition-id": 1}, 3, [8, 4, 2]) == (1, 4)  # rank from trainer.ranks
+    assert node_identity({"partition-id": 1, "rank": 16}, 3, [8, 4, 2]) == (1, 16)  # the node's own rank
+    assert node_identity({"partition-id": 2, "num-partitions": 3}, 3, 8) == (2, 8)  # simulation's node config
+
+
+@pytest.mark.parametrize(
+    ("node_config", "message"),
+    [
+        ({}, "node config: partition-id is missing; start the SuperNode with --node-config 'partition-id=K'"),
+        ({"partition-id": 3}, "node config: partition-id=3 is not a client id in [0, data.num_clients=3)"),
+        ({"partition-id": "a"}, "node config: partition-id='a' is not a client id"),
+        ({"partition-id": 0, "rank": 0}, "node config: rank=0 must be a positive integer"),
+        ({"partition-id": 0, "rank": 2.5}, "node config: rank=2.5 must be a positive integer"),
+    ],
+)
+def test_node_identity_refuses_bad_node_config(node_config, message):
+    from fedilora.flower.client_work import node_identity
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        node_identity(node_config, 3, [8, 4, 2])
+
+
+def test_config_path_not_found_names_what_was_tried(tmp_path):
+    from fedilora.flower.config import resolve_path
+
+    (tmp_path / "a.yaml").write_text("trainer: {}\n")
+    assert resolve_path("a.yaml", [tmp_path / "missing", tmp_path]) == tmp_path / "a.yaml"
+    with pytest.raises(ConfigError, match=r"run config `config`: b.yaml not found \(tried .*b.yaml\)"):
+        resolve_path("b.yaml", [tmp_path])
+
+
 # ------------------------------------------------------------------------------ server: nodes and inbox
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):

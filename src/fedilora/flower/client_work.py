@@ -61,21 +61,7 @@ class ClientRuntime:
         return self.parsed.datamodule.num_clients
 
     def identity(self, node_config: Mapping[str, Any]) -> tuple[int, int]:
-        """(client id, rank) of this node, from its node config."""
-        if "partition-id" not in node_config:
-            raise ConfigError(
-                "node config: partition-id is missing; start the SuperNode with --node-config 'partition-id=K'"
-            )
-        client = int(node_config["partition-id"])
-        if not 0 <= client < self.num_clients:
-            raise ConfigError(f"node config: partition-id={client} is outside [0, data.num_clients={self.num_clients})")
-        if "rank" in node_config:
-            rank = int(node_config["rank"])
-            if rank < 1:
-                raise ConfigError(f"node config: rank={rank} must be a positive integer")
-        else:
-            rank = client_ranks(self.parsed.trainer.ranks, self.num_clients)[client]
-        return client, rank
+        return node_identity(node_config, self.num_clients, self.parsed.trainer.ranks)
 
     def prepare(self, rank: int, base: State) -> None:
         """An adapter of ``rank``, and the base weights the server's aggregator merged (FLoRA)."""
@@ -85,6 +71,26 @@ class ClientRuntime:
         for module in base.keys() - self._pristine.keys():
             self._pristine[module] = model.base_weight(module).detach().clone()
         model.load_base_weights({**self._pristine, **base})  # modules not sent go back to their build
+
+
+def node_identity(node_config: Mapping[str, Any], num_clients: int, ranks: int | list[int]) -> tuple[int, int]:
+    """(client id, LoRA rank) of a node: its ``partition-id``, and its ``rank`` or else the config's
+    ``trainer.ranks`` for that client."""
+    if "partition-id" not in node_config:
+        raise ConfigError(
+            "node config: partition-id is missing; start the SuperNode with --node-config 'partition-id=K'"
+        )
+    client = node_config["partition-id"]
+    if not isinstance(client, int) or not 0 <= client < num_clients:
+        raise ConfigError(
+            f"node config: partition-id={client!r} is not a client id in [0, data.num_clients={num_clients})"
+        )
+    if "rank" not in node_config:
+        return client, client_ranks(ranks, num_clients)[client]
+    rank = node_config["rank"]
+    if not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"node config: rank={rank!r} must be a positive integer")
+    return client, rank
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}
