@@ -1,0 +1,3 @@
+"""Privacy for heterogeneous-rank federated LoRA: client-level differential privacy with accounting
+(:mod:`fedilora.privacy.dp`, :mod:`fedilora.privacy.accounting`) and secure aggregation with pairwise
+masks (:mod:`fedilora.privacy.secagg`)."""
