@@ -143,8 +143,8 @@ class DifferentialPrivacy:
             (Andrew et al. 2021); the noisy count of unclipped updates spends part of the budget.
         target_quantile: gamma, the fraction of updates that should not be clipped.
         clip_learning_rate: eta of the geometric clip-norm update.
-        count_noise_multiplier: sigma_b of the unclipped count (default: clients per round / 20, as in
-            the paper); must exceed sigma / 2.
+        count_noise_multiplier: sigma_b of the unclipped count (default: max(clients per round / 20,
+            sigma)); must exceed sigma / 2.
         accountant: opacus accountant: ``rdp`` or ``prv``.
     """
 
@@ -195,7 +195,9 @@ class DifferentialPrivacy:
                                                          self.mechanism)  # fmt: skip
         self.sum_multiplier = self.noise_multiplier
         if self.adaptive_clipping:
-            self.count_noise_multiplier = self.count_noise_multiplier or per_round / 20.0
+            # per_round / 20 (the paper's choice for hundreds of clients per round), but never below sigma:
+            # that costs the update sums at most 15% more noise
+            self.count_noise_multiplier = self.count_noise_multiplier or max(per_round / 20.0, self.noise_multiplier)
             try:
                 self.sum_multiplier = sum_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
             except ValueError as err:
