@@ -147,9 +147,18 @@ def format_results(results: Mapping) -> str:
             line(header),
             "|" + "|".join("-" * (w + 2) for w in widths) + "|",
             *(line(r) for r in rows),
+            *([_privacy_line(results["privacy"])] if results.get("privacy") else []),
             *([f"NOT A SUCCESS: {problem}"] if problem else []),
             f"logs: {results['log_dir']}",
         ]
+    )
+
+
+def _privacy_line(privacy: Mapping) -> str:
+    return (
+        f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} after "
+        f"{privacy['rounds']} noised rounds (noise multiplier {privacy['noise_multiplier']:.4g}, "
+        f"clip norm {privacy['clip_norm']:.4g})"
     )
 
 

@@ -28,7 +28,11 @@ from torch import Tensor
 
 from fedilora.aggregation import Aggregator, ClientUpdate, State, nbytes, sample_weights, weighted_average
 from fedilora.errors import ConfigError
+from fedilora.privacy.dp import DifferentialPrivacy
+from fedilora.privacy.rounds import add_contributions, contribution, release
+from fedilora.privacy.secagg import SecureAggregation
 
+NOISE_STREAM = -2  # the "client id" of the server's privacy noise in ``client_seed``
 POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
 #: the robust norm rule needs this many finite updates in a round for its median to mean something
 MIN_UPDATES_FOR_MEDIAN = 3
@@ -175,6 +179,7 @@ class RoundResult:
     #: dW per module that this round merged into the base weights (FLoRA); every model copy must add it
     base_delta: State = field(default_factory=dict)
     norm_ratio: float = math.nan  # largest update norm / the round's median (NaN: too few updates)
+    privacy: dict[str, float] = field(default_factory=dict)  # epsilon, clip norm, secure aggregation cost
 
     def warnings(self, min_clients_per_round: int) -> list[str]:
         lines = [
@@ -205,7 +210,7 @@ class RoundResult:
         )
         if not math.isnan(self.norm_ratio):  # defined with enough updates only
             metrics["round/update_norm_ratio"] = self.norm_ratio
-        return metrics
+        return {**metrics, **self.privacy}
 
 
 class FederatedServer:
@@ -223,6 +228,8 @@ class FederatedServer:
         max_update_norm: Reject an update farther than this from what its client received (None: off).
         update_norm_factor: Reject an update whose norm exceeds this many times the round's median
             norm, with at least ``MIN_UPDATES_FOR_MEDIAN`` updates (None: off).
+        privacy: Client-level differential privacy of the aggregate (``setup`` already called).
+        secure_aggregation: Sum the clients' contributions from pairwise-masked vectors only.
     """
 
     def __init__(
@@ -237,6 +244,8 @@ class FederatedServer:
         min_clients_per_round: int = 1,
         max_update_norm: float | None = None,
         update_norm_factor: float | None = 10.0,
+        privacy: DifferentialPrivacy | None = None,
+        secure_aggregation: SecureAggregation | None = None,
     ) -> None:
         self.aggregator, self.ranks, self.per_round = aggregator, list(ranks), per_round
         self.global_rank, self.seed = global_rank, seed
@@ -244,6 +253,7 @@ class FederatedServer:
         self.max_update_norm, self.update_norm_factor = max_update_norm, update_norm_factor
         self.global_lora, self.global_extra = global_lora, global_extra
         self.personal: dict[int, Personal] = {}
+        self.privacy, self.secure_aggregation = privacy, secure_aggregation
 
     @property
     def merges_into_base(self) -> bool:
@@ -298,15 +308,35 @@ class FederatedServer:
                 self.personal[update.client_id] = (update.rank, _cpu(update.lora), _cpu(update.extra))
         skipped = len(updates) < self.min_clients_per_round
         delta: State = {}
+        privacy: dict[str, float] = {}
         aggregator = self.aggregator
-        if not skipped and (aggregator.communicates or aggregator.pooled):
+        if not skipped and (self.privacy is not None or self.secure_aggregation is not None):
+            self.global_lora, self.global_extra, privacy = self._private_aggregate(round, updates)
+        elif not skipped and (aggregator.communicates or aggregator.pooled):
             self.global_lora = aggregator.aggregate(self.global_lora, updates)
             self.global_extra = weighted_average([u.extra for u in updates], sample_weights(updates))
             if self.merges_into_base:
                 delta = aggregator.last_delta
         order = {client: i for i, (client, _) in enumerate(self.plan(round))}
         rejected.sort(key=lambda r: order.get(r[0], len(order)))
-        return RoundResult(round, updates, rejected, skipped, delta, ratio)
+        return RoundResult(round, updates, rejected, skipped, delta, ratio, privacy)
+
+    def _private_aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> tuple[State, State, dict[str, float]]:
+        """Each update becomes its client's contribution to the sums (clipped under privacy), the sums are
+        taken (from masked vectors under secure aggregation) and released (noised under privacy)."""
+        contributions = {
+            u.client_id: contribution(self.aggregator, self.global_lora, self.global_extra, u, self.privacy)
+            for u in updates
+        }
+        if self.secure_aggregation is not None:
+            totals, cost = self.secure_aggregation.sum(contributions, f"seed-{self.seed}/round-{round}".encode())
+        else:
+            totals, cost = add_contributions(list(contributions.values())), {}
+        noise = torch.Generator().manual_seed(client_seed(self.seed, round, NOISE_STREAM))
+        lora, extra, metrics = release(
+            self.aggregator, self.global_lora, self.global_extra, totals, self.privacy, noise
+        )
+        return lora, extra, {**metrics, **cost}
 
     # --------------------------------------------------------------------------------- evaluation
     def global_models(self) -> list[Personal]:
@@ -335,6 +365,7 @@ class FederatedServer:
             "global_extra": self.global_extra,
             "personal": {str(c): {"rank": r, "lora": lo, "extra": ex} for c, (r, lo, ex) in self.personal.items()},
             "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else {},
+            "privacy": self.privacy.state_dict() if self.privacy is not None else {},
         }
 
     def load_state_dict(self, state: Mapping, device: torch.device | str = "cpu") -> None:
@@ -347,6 +378,8 @@ class FederatedServer:
         }  # fmt: skip
         if hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(state["aggregator"])
+        if self.privacy is not None:  # the accountant goes on from the checkpoint: epsilon stays exact
+            self.privacy.load_state_dict(state["privacy"])
 
 
 def run_problem(skipped: Sequence[bool], rounds: int) -> str | None:

@@ -40,6 +40,7 @@ from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.output import RunOutput, run_results
+from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.server import (
     POOLED,
     FederatedServer,
@@ -81,6 +82,10 @@ class FederatedTrainer:
         root_dir: Directory for logs; each run writes to ``root_dir/name/version_N``.
         name: Run name (the TensorBoard experiment name).
         progress: Show a progress bar (round, client, step).
+        privacy: Client-level differential privacy (``fedilora.privacy.DifferentialPrivacy``): clipping,
+            noise per rank dimension, epsilon accounting and budget.
+        secure_aggregation: Aggregate from pairwise-masked updates only
+            (``fedilora.privacy.SecureAggregation``).
     """
 
     def __init__(
@@ -108,6 +113,8 @@ class FederatedTrainer:
         root_dir: str = "runs",
         name: str = "fedilora",
         progress: bool = True,
+        privacy: DifferentialPrivacy | None = None,
+        secure_aggregation: SecureAggregation | None = None,
     ) -> None:
         self.init_args = {k: v for k, v in locals().items() if k != "self"}  # fingerprinted in checkpoints
         for option, value, low in (
@@ -146,6 +153,7 @@ class FederatedTrainer:
         self.global_lora_rank = global_lora_rank
         self.local_epochs, self.max_local_steps = local_epochs, max_local_steps
         self.aggregator = aggregator
+        self.privacy, self.secure_aggregation = privacy, secure_aggregation
         self.callbacks = list(callbacks or [])
         self.eval_every, self.seed, self.progress = eval_every, seed, progress
         self.min_clients_per_round, self.max_update_norm = min_clients_per_round, max_update_norm
@@ -210,6 +218,11 @@ class FederatedTrainer:
 
     def _setup_server(self, model: LoRACLIPClassifier, ranks: list[int], per_round: int, global_rank: int) -> None:
         self.aggregator.setup(scale=model.lora_scale)
+        name = strategy_name(self.aggregator)
+        if self.privacy is not None:
+            self.privacy.setup(name, len(ranks), per_round, self.rounds)
+        if self.secure_aggregation is not None:
+            self.secure_aggregation.setup(name)
         self.server = FederatedServer(
             self.aggregator,
             ranks,
@@ -221,6 +234,8 @@ class FederatedTrainer:
             min_clients_per_round=self.min_clients_per_round,
             max_update_norm=self.max_update_norm,
             update_norm_factor=self.update_norm_factor,
+            privacy=self.privacy,
+            secure_aggregation=self.secure_aggregation,
         )
 
     # --------------------------------------------------------------------------------- fit
@@ -264,6 +279,11 @@ class FederatedTrainer:
         with self._sigint_stops_at_a_safe_point():
             try:
                 for round_ in range(start_round, self.rounds):
+                    if self.privacy is not None and (spent := self.privacy.budget_problem()) is not None:
+                        fabric.print(f"stopping before round {round_}: {spent}")
+                        if not any(k.startswith("global/") for k in self.history[-1]):
+                            self.history[-1].update(self.evaluate(model, datamodule))  # the model it stops with
+                        break
                     metrics = self._run_round(model, datamodule, round_)
                     if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
                         metrics.update(self.evaluate(model, datamodule))
@@ -293,6 +313,8 @@ class FederatedTrainer:
             log_dir=self.log_dir,
             problem=problem,
         )
+        if self.privacy is not None:
+            results["privacy"] = self.privacy.summary()
         fabric.call("on_fit_end", trainer=self, results=results)
         self.output.write_results(results)
         self.output.finalize("failed" if problem else "success")

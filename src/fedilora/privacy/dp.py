@@ -1,0 +1,265 @@
+"""Client-level differential privacy for heterogeneous-rank LoRA.
+
+A client's update u_k is its LoRA delta from the adapter it received, zero-padded along the rank axis
+to the global rank R, together with its head delta. It is clipped to L2 norm C on the client. The
+server adds the clipped updates, unweighted, into one sum per tensor, S, and counts per rank
+dimension how many sampled clients have it, n_i (every client covers the head). One client moves S by
+at most C in L2, so releasing S + N(0, sigma^2 C^2 I) is the Gaussian mechanism with noise multiplier
+sigma for all coordinates at once; the accountant composes it over rounds.
+
+The new global value of rank dimension i is previous_i + (S_i + noise_i) / n_i, so the noise left on
+the average there has std sigma * C / n_i: it is calibrated to how many clients cover the dimension.
+Noising the average with one std sigma * C / K, as if every coordinate averaged all K clients, gives
+the dimensions that only a few high-rank clients train far less noise than the guarantee needs.
+Uniform weights replace p_k = n_k / sum n_j because sample counts are private and unbounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedilora.aggregation import State, rank_axis
+from fedilora.privacy.accounting import PrivacyAccountant, noise_multiplier_for
+
+
+def pad_to_rank(lora: Mapping[str, Tensor], global_rank: int) -> State:
+    """Zero-pad every ``lora_A`` along rows and every ``lora_B`` along columns to ``global_rank``."""
+    out = {}
+    for key, value in lora.items():
+        axis = rank_axis(key)
+        shape = list(value.shape)
+        shape[axis] = global_rank
+        padded = value.new_zeros(shape)
+        padded.narrow(axis, 0, value.shape[axis]).copy_(value)
+        out[key] = padded
+    return out
+
+
+def delta(new: Mapping[str, Tensor], received: Mapping[str, Tensor]) -> State:
+    return {k: v - received[k].to(v.device, v.dtype) for k, v in new.items()}
+
+
+def l2_norm(states: Sequence[Mapping[str, Tensor]]) -> float:
+    """The L2 norm of all tensors of ``states`` taken as one vector (accumulated in float64)."""
+    squared = sum((float(t.double().square().sum()) for s in states for t in s.values()), 0.0)
+    return math.sqrt(squared)
+
+
+def clip(states: Sequence[Mapping[str, Tensor]], clip_norm: float) -> tuple[list[State], float]:
+    """``states`` scaled by min(1, C / ||states||) as one vector; returns them and the norm before clipping."""
+    norm = l2_norm(states)
+    factor = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return [{k: v * factor for k, v in s.items()} for s in states], norm
+
+
+def add_noise(sums: Mapping[str, Tensor], std: float, generator: torch.Generator) -> State:
+    """``sums`` + N(0, std^2) on every coordinate, drawn on the CPU from ``generator`` (reproducible)."""
+    return {
+        k: v + (torch.randn(v.shape, generator=generator, dtype=torch.float64) * std).to(v.device, v.dtype)
+        for k, v in sums.items()
+    }
+
+
+def coverage(ranks: Sequence[int], global_rank: int) -> Tensor:
+    """n_i: how many of the clients with ``ranks`` have rank dimension i (``[R]``, float64)."""
+    return (torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]).sum(0).to(torch.float64)
+
+
+def average_noise_std(counts: Tensor, noise_multiplier: float, clip_norm: float) -> Tensor:
+    """The std of the noise left on each dimension's average: sigma * C / n_i (inf where n_i = 0)."""
+    return noise_multiplier * clip_norm / counts
+
+
+def apply_average(
+    previous: Mapping[str, Tensor], sums: Mapping[str, Tensor], counts: Tensor, keys_with_rank: bool = True
+) -> State:
+    """previous + sums / n per rank dimension (``counts`` = n_i); dimensions no client covers keep ``previous``."""
+    out = {}
+    for key, prev in previous.items():
+        if keys_with_rank:
+            axis = rank_axis(key)
+            n = counts.to(prev.device, torch.float64)
+            view = [1] * prev.dim()
+            view[axis] = -1
+            n = n.view(view)
+            step = torch.where(n > 0, sums[key].double() / n.clamp_min(1.0), 0.0)
+        else:
+            step = sums[key].double() / float(counts)
+        out[key] = (prev.double() + step).to(prev.dtype)
+    return out
+
+
+def adapted_clip_norm(
+    clip_norm: float, unclipped_fraction: float, target_quantile: float, learning_rate: float
+) -> float:
+    """Adaptive clipping (Andrew et al. 2021): C <- C * exp(-eta * (b - gamma)), b the noisy fraction of
+    clients whose update norm was <= C, gamma the target quantile. The clip norm follows that quantile."""
+    return clip_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
+
+
+def sum_noise_multiplier(total: float, count_noise_multiplier: float) -> float:
+    """The noise multiplier left for the update sums when the clipped-count query also spends budget:
+    sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Theorem 1)."""
+    rest = total**-2 - (2.0 * count_noise_multiplier) ** -2
+    if rest <= 0:
+        raise ValueError(
+            f"count_noise_multiplier {count_noise_multiplier} is too small for noise multiplier {total}: "
+            f"it must exceed {total / 2:.4g}"
+        )
+    return rest**-0.5
+
+
+# Why an aggregator cannot release a client-level DP aggregate (the server refuses it with this reason).
+UNSUPPORTED = {
+    "HetLoRA": "it weights each update by its own ||B_k A_k||, a weight one client controls, so the "
+    "sensitivity of the aggregate is unbounded",
+    "FLoRA": "it stacks every client's factors into the global adapter, releasing each update as it is",
+    "FlexLoRA": "its SVD re-factorisation needs every client's factors and is not a sum of clipped updates",
+    "Local": "nothing is shared, so there is nothing to privatise",
+    "Centralized": "it pools the raw data: there is no client update to privatise",
+}
+
+
+class DifferentialPrivacy:
+    """Client-level differential privacy of the released global model (``trainer.privacy`` in YAML).
+
+    Works with ``DimensionWise`` (each rank dimension averaged over the clients that have it, noise
+    sigma * C / n_i) and ``FedAvg``; refuses the aggregators of ``UNSUPPORTED`` with the reason.
+
+    Args:
+        clip_norm: C, the L2 bound of one client's update (LoRA delta padded to the global rank, and
+            head delta); the initial value under adaptive clipping.
+        noise_multiplier: sigma: the noise on the sums has std sigma * C. Derived from
+            ``target_epsilon`` when null.
+        target_epsilon: The privacy budget at ``delta``: with ``noise_multiplier`` null, sigma is the
+            smallest that keeps ``trainer.rounds`` rounds within it; in any case the run stops before a
+            round that would exceed it.
+        delta: delta of the (epsilon, delta) guarantee.
+        adaptive_clipping: Move C towards the ``target_quantile`` of the update norms each round
+            (Andrew et al. 2021); the noisy count of unclipped updates spends part of the budget.
+        target_quantile: gamma, the fraction of updates that should not be clipped.
+        clip_learning_rate: eta of the geometric clip-norm update.
+        count_noise_multiplier: sigma_b of the unclipped count (default: max(clients per round / 20,
+            sigma)); must exceed sigma / 2.
+        accountant: opacus accountant: ``rdp`` or ``prv``.
+    """
+
+    def __init__(
+        self,
+        clip_norm: float = 1.0,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float = 1e-5,
+        adaptive_clipping: bool = False,
+        target_quantile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        count_noise_multiplier: float | None = None,
+        accountant: str = "rdp",
+    ) -> None:
+        from fedilora.errors import ConfigError
+
+        if not clip_norm > 0:
+            raise ConfigError(f"trainer.privacy.clip_norm: must be > 0, got {clip_norm}")
+        if noise_multiplier is None and target_epsilon is None:
+            raise ConfigError("trainer.privacy: give noise_multiplier, target_epsilon or both")
+        if noise_multiplier is not None and not noise_multiplier > 0:
+            raise ConfigError(f"trainer.privacy.noise_multiplier: must be > 0, got {noise_multiplier}")
+        if target_epsilon is not None and not target_epsilon > 0:
+            raise ConfigError(f"trainer.privacy.target_epsilon: must be > 0, got {target_epsilon}")
+        if not 0 < delta < 1:
+            raise ConfigError(f"trainer.privacy.delta: must be in (0, 1), got {delta}")
+        if not 0 < target_quantile < 1:
+            raise ConfigError(f"trainer.privacy.target_quantile: must be in (0, 1), got {target_quantile}")
+        if accountant not in ("rdp", "prv"):
+            raise ConfigError(f"trainer.privacy.accountant: unknown {accountant!r}; allowed: rdp, prv")
+        self.clip_norm, self.noise_multiplier, self.target_epsilon = clip_norm, noise_multiplier, target_epsilon
+        self.delta, self.adaptive_clipping, self.target_quantile = delta, adaptive_clipping, target_quantile
+        self.clip_learning_rate, self.count_noise_multiplier = clip_learning_rate, count_noise_multiplier
+        self.mechanism = accountant
+        self.sum_multiplier = noise_multiplier or 0.0
+        self.accountant: PrivacyAccountant | None = None
+
+    def setup(self, aggregator_name: str, num_clients: int, per_round: int, rounds: int) -> DifferentialPrivacy:
+        """Check the aggregator, derive sigma from the budget if needed, and start the accountant."""
+        from fedilora.errors import ConfigError
+
+        if aggregator_name in UNSUPPORTED:
+            raise ConfigError(f"trainer.privacy: not available with {aggregator_name}: {UNSUPPORTED[aggregator_name]}")
+        sample_rate = per_round / num_clients
+        if self.noise_multiplier is None:
+            self.noise_multiplier = noise_multiplier_for(self.target_epsilon, self.delta, sample_rate, rounds,
+                                                         self.mechanism)  # fmt: skip
+        self.sum_multiplier = self.noise_multiplier
+        if self.adaptive_clipping:
+            # per_round / 20 (the paper's choice for hundreds of clients per round), but never below sigma:
+            # that costs the update sums at most 15% more noise
+            self.count_noise_multiplier = self.count_noise_multiplier or max(per_round / 20.0, self.noise_multiplier)
+            try:
+                self.sum_multiplier = sum_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
+            except ValueError as err:
+                raise ConfigError(f"trainer.privacy.count_noise_multiplier: {err}") from None
+        self.accountant = PrivacyAccountant(sample_rate, self.delta, self.mechanism)
+        if (
+            self.target_epsilon is not None
+            and self.accountant.epsilon_after(self.noise_multiplier) > self.target_epsilon
+        ):
+            raise ConfigError(
+                f"trainer.privacy.target_epsilon: {self.target_epsilon} allows not even one round at noise multiplier "
+                f"{self.noise_multiplier} (epsilon {self.accountant.epsilon_after(self.noise_multiplier):.4g}); "
+                "raise noise_multiplier or leave it null to derive it"
+            )
+        return self
+
+    def budget_problem(self) -> str | None:
+        """Why the next round must not run: it would take epsilon past ``target_epsilon``."""
+        if self.target_epsilon is None:
+            return None
+        after = self.accountant.epsilon_after(self.noise_multiplier)
+        if after <= self.target_epsilon * (1 + 1e-9):
+            return None
+        return (
+            f"privacy budget spent: one more round would take epsilon from {self.accountant.epsilon():.4g} to "
+            f"{after:.4g} > trainer.privacy.target_epsilon={self.target_epsilon} (delta={self.delta})"
+        )
+
+    def clip_update(
+        self, lora_delta: Mapping[str, Tensor], extra_delta: Mapping[str, Tensor]
+    ) -> tuple[State, State, bool]:
+        """The client's side: its deltas clipped to C together, and whether they were within C."""
+        (lora, extra), norm = clip([lora_delta, extra_delta], self.clip_norm)
+        return lora, extra, norm <= self.clip_norm
+
+    def noise(self, sums: Mapping[str, Tensor], generator: torch.Generator) -> State:
+        return add_noise(sums, self.sum_multiplier * self.clip_norm, generator)
+
+    def after_round(self, unclipped: float, count: int, generator: torch.Generator) -> dict[str, float]:
+        """Account for one released round and adapt C; returns the round's privacy figures."""
+        metrics = {"privacy/clip_norm": self.clip_norm, "privacy/noise_std": self.sum_multiplier * self.clip_norm}
+        if self.adaptive_clipping:
+            count_noise = float(torch.randn((), generator=generator, dtype=torch.float64))
+            fraction = (unclipped + count_noise * self.count_noise_multiplier) / count
+            metrics["privacy/unclipped_fraction"] = fraction
+            self.clip_norm = adapted_clip_norm(self.clip_norm, fraction, self.target_quantile, self.clip_learning_rate)
+        self.accountant.step(self.noise_multiplier)
+        metrics["privacy/epsilon"] = self.accountant.epsilon()
+        return metrics
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "epsilon": self.accountant.epsilon() if self.accountant else 0.0,
+            "delta": self.delta,
+            "noise_multiplier": float(self.noise_multiplier or 0.0),
+            "clip_norm": self.clip_norm,
+            "rounds": self.accountant.rounds if self.accountant else 0,
+        }
+
+    def state_dict(self) -> dict:
+        return {"accountant": self.accountant.state_dict(), "clip_norm": self.clip_norm}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.accountant.load_state_dict(state["accountant"])
+        self.clip_norm = float(state["clip_norm"])

@@ -1,0 +1,100 @@
+"""One round's aggregation under differential privacy and/or secure aggregation.
+
+Both act on what a client adds to the server's streaming sums (:class:`fedilora.aggregation.WeightedSums`):
+per-tensor sums in the global shapes and a per-rank-dimension weight vector. ``contribution`` is the
+client's side (in the simulator it runs on the server's process, in the order a client would run it),
+``release`` the server's: it turns the summed contributions — plain, or unmasked by secure
+aggregation — into the next global adapter and head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from fedilora.aggregation import Aggregator, ClientUpdate, DimensionAccumulator, State, WeightedSums
+from fedilora.privacy.dp import DifferentialPrivacy, delta
+
+Contribution = dict[str, Tensor]
+
+
+def contribution(
+    aggregator: Aggregator,
+    global_lora: Mapping[str, Tensor],
+    global_extra: Mapping[str, Tensor],
+    update: ClientUpdate,
+    privacy: DifferentialPrivacy | None,
+) -> Contribution:
+    """What one client adds to the round's sums: with ``privacy`` its clipped deltas with weight 1 on its
+    rank dimensions, otherwise the aggregator's own weighted sums (n_k on its first r_k dimensions)."""
+    lora = WeightedSums.zeros(global_lora)
+    extra = WeightedSums.zeros(global_extra, ranked=False)
+    unclipped = 1.0
+    if privacy is not None:
+        received = aggregator.broadcast(global_lora, update.rank)
+        lora_delta, extra_delta, within = privacy.clip_update(
+            delta(update.lora, received), delta(update.extra, global_extra)
+        )
+        lora.add(lora_delta, 1.0, covers=update.rank, source=f"client {update.client_id}")
+        extra.add(extra_delta, 1.0, source=f"client {update.client_id}")
+        unclipped = float(within)
+    else:
+        acc = aggregator.begin(global_lora, global_extra)
+        if not isinstance(acc, DimensionAccumulator):
+            raise TypeError(f"{type(aggregator).__name__} has no per-dimension sums to mask")
+        acc.add(update)
+        lora, extra = acc.lora, acc.extra
+    return {
+        **{f"lora/{k}": v for k, v in lora.sums.items()},
+        "lora_weight": lora.weight,
+        **{f"extra/{k}": v for k, v in extra.sums.items()},
+        "extra_weight": extra.weight,
+        "unclipped": torch.tensor([unclipped], dtype=torch.float64),
+        "count": torch.ones(1, dtype=torch.float64),
+        "num_samples": torch.tensor([float(update.num_samples)], dtype=torch.float64),
+    }
+
+
+def add_contributions(contributions: list[Contribution]) -> Contribution:
+    """The plain sum (no secure aggregation)."""
+    total = {k: v.clone() for k, v in contributions[0].items()}
+    for c in contributions[1:]:
+        for k, v in c.items():
+            total[k] += v
+    return total
+
+
+def _sums(totals: Mapping[str, Tensor], prefix: str, like: Mapping[str, Tensor], ranked: bool) -> WeightedSums:
+    sums = {k: totals[f"{prefix}/{k}"].to(v.device) for k, v in like.items()}
+    weight = totals[f"{prefix}_weight"].to(torch.float64).cpu()
+    return WeightedSums(sums, weight, ranked, {k: v.dtype for k, v in like.items()})
+
+
+def release(
+    aggregator: Aggregator,
+    global_lora: Mapping[str, Tensor],
+    global_extra: Mapping[str, Tensor],
+    totals: Mapping[str, Tensor],
+    privacy: DifferentialPrivacy | None,
+    generator: torch.Generator,
+) -> tuple[State, State, dict[str, float]]:
+    """The next global adapter and head from the round's summed contributions, and privacy figures."""
+    lora = _sums(totals, "lora", global_lora, ranked=True)
+    extra = _sums(totals, "extra", global_extra, ranked=False)
+    if privacy is None:
+        acc = aggregator.begin(global_lora, global_extra)
+        acc.lora.merge(lora)
+        acc.extra.merge(extra)
+        acc.count, acc.num_samples = int(totals["count"].item()), round(totals["num_samples"].item())
+        return aggregator.finish(acc), aggregator.finish_extra(acc), {}
+    lora.sums = privacy.noise(lora.sums, generator)
+    extra.sums = privacy.noise(extra.sums, generator)
+    lora_step = lora.average({k: torch.zeros_like(v) for k, v in global_lora.items()})
+    extra_step = extra.average({k: torch.zeros_like(v) for k, v in global_extra.items()})
+    new_lora = {k: global_lora[k] + lora_step[k].to(global_lora[k]) for k in global_lora}
+    new_extra = {k: global_extra[k] + extra_step[k].to(global_extra[k]) for k in global_extra}
+    count = int(totals["count"].item())
+    metrics = privacy.after_round(float(totals["unclipped"].item()), count, generator)
+    return new_lora, new_extra, metrics

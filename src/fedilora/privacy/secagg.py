@@ -1,0 +1,193 @@
+"""Secure aggregation for heterogeneous ranks: pairwise masks that cancel in the sum.
+
+What a client masks is its contribution to the server's streaming accumulator — per-tensor sums
+already padded to the global rank and the per-dimension weight vector — so the server learns only
+the per-dimension sums and weights that dimension-wise aggregation needs, never one client's values.
+Shapes are the global ones for everyone, which is what makes masks of different-rank clients add up
+(Flower's SecAgg+ masks each client's own shapes and fails or broadcasts silently on mixed ranks).
+
+Protocol of one round (honest-but-curious server that relays public keys, as in Bonawitz et al.
+2017 without the secret-sharing step):
+1. every sampled client draws an X25519 key pair and publishes the public key;
+2. clients a < b derive a shared 32-byte seed with X25519 + HKDF-SHA256 (bound to the round);
+3. client a adds ChaCha20(seed_ab) to its fixed-point encoded contribution, client b subtracts it,
+   modulo 2^k; the server adds all masked vectors and every pair's masks cancel exactly;
+4. dropped client after masking: its partners' masks would not cancel, so the round's aggregation is
+   redone without it — the survivors re-mask among themselves (their training is not repeated).
+   Secret-shared seeds (SecAgg's recovery without a second pass) are not implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from torch import Tensor
+
+MODULUS_BITS = 62  # sums of two residues stay below 2^63: int64 never overflows
+FRACTION_BITS = 24  # fixed-point resolution 2^-24 ~ 6e-8 per client and coordinate
+_MODULUS = 1 << MODULUS_BITS
+
+
+def encode(x: Tensor, fraction_bits: int = FRACTION_BITS) -> Tensor:
+    """round(x * 2^f) as a residue modulo 2^k (int64); negative values wrap around."""
+    scaled = torch.round(x.detach().double().cpu() * (1 << fraction_bits))
+    limit = float(_MODULUS // 2)
+    if not bool((scaled.abs() < limit).all()):
+        raise ValueError(f"a value of magnitude >= 2^{MODULUS_BITS - 1 - fraction_bits} cannot be encoded")
+    return torch.remainder(scaled.to(torch.int64), _MODULUS)
+
+
+def decode(y: Tensor, fraction_bits: int = FRACTION_BITS) -> Tensor:
+    """The float64 values of residues modulo 2^k (the upper half stands for negatives)."""
+    signed = torch.where(y >= _MODULUS // 2, y - _MODULUS, y)
+    return signed.double() / (1 << fraction_bits)
+
+
+def add_mod(a: Tensor, b: Tensor) -> Tensor:
+    return torch.remainder(a + b, _MODULUS)
+
+
+class MaskingKey:
+    """One client's X25519 key pair for one round."""
+
+    def __init__(self) -> None:
+        self._private = X25519PrivateKey.generate()
+
+    @property
+    def public(self) -> bytes:
+        return self._private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+    def shared_seed(self, peer_public: bytes, context: bytes) -> bytes:
+        shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedilora-secagg/" + context).derive(shared)
+
+
+def mask_stream(seed: bytes, numel: int) -> Tensor:
+    """``numel`` residues modulo 2^k from ChaCha20 keyed by ``seed`` (a cryptographic PRG)."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, b"\x00" * 16), mode=None).encryptor()
+    raw = np.frombuffer(encryptor.update(b"\x00" * (8 * numel)), dtype=np.uint64) >> np.uint64(64 - MODULUS_BITS)
+    return torch.from_numpy(raw.astype(np.int64))
+
+
+def flatten(contribution: Mapping[str, Tensor]) -> tuple[Tensor, list[tuple[str, torch.Size]]]:
+    """One float64 vector of every tensor, in sorted key order, and the layout to undo it."""
+    keys = sorted(contribution)
+    layout = [(k, contribution[k].shape) for k in keys]
+    return torch.cat([contribution[k].detach().double().cpu().reshape(-1) for k in keys]), layout
+
+
+def unflatten(vector: Tensor, layout: Sequence[tuple[str, torch.Size]]) -> dict[str, Tensor]:
+    out, offset = {}, 0
+    for key, shape in layout:
+        n = int(np.prod(shape, dtype=np.int64))
+        out[key] = vector[offset : offset + n].reshape(shape)
+        offset += n
+    return out
+
+
+def mask(
+    contribution: Mapping[str, Tensor],
+    client_id: int,
+    key: MaskingKey,
+    peers: Mapping[int, bytes],
+    context: bytes,
+    fraction_bits: int = FRACTION_BITS,
+) -> Tensor:
+    """The masked, encoded contribution of ``client_id``: encode(x) + sum_{j > id} m_ij - sum_{j < id} m_ji.
+
+    ``peers`` maps the other participating clients' ids to their public keys; ``context`` binds the
+    masks to one round (and pass), so masks are never reused.
+    """
+    vector, _ = flatten(contribution)
+    masked = encode(vector, fraction_bits)
+    for peer, public in sorted(peers.items()):
+        if peer == client_id:
+            continue
+        stream = mask_stream(key.shared_seed(public, context), masked.numel())
+        masked = add_mod(masked, stream if client_id < peer else _MODULUS - stream)
+    return masked
+
+
+def unmask_sum(
+    masked: Sequence[Tensor], layout: Sequence[tuple[str, torch.Size]], fraction_bits: int = FRACTION_BITS
+) -> dict[str, Tensor]:
+    """The sum of the contributions behind ``masked`` (every participant's vector must be there)."""
+    total = torch.zeros_like(masked[0])
+    for vector in masked:
+        total = add_mod(total, vector)
+    return unflatten(decode(total, fraction_bits), layout)
+
+
+# Why an aggregator cannot run on masked sums (the server refuses it with this reason).
+UNSUPPORTED = {
+    "HetLoRA": "its fallback to uniform weights when every B A is zero needs to see each update",
+    "FLoRA": "the server stacks each client's own factors, so it must see every update",
+    "FlexLoRA": "the server re-factorises the stacked factors of every client, so it must see every update",
+    "Local": "nothing is aggregated",
+    "Centralized": "it pools the raw data instead of aggregating updates",
+}
+
+
+class SecureAggregation:
+    """Pairwise-masked sums of the clients' contributions (``trainer.secure_aggregation`` in YAML).
+
+    The server sees only masked vectors and their sum. A client that drops after masking (simulated in
+    tests with ``dropped``) makes the round's masks fail to cancel: the survivors mask again among
+    themselves and the sum is taken again (their training is not repeated).
+
+    Args:
+        fraction_bits: Fixed-point fraction bits (resolution 2^-fraction_bits per client and coordinate).
+    """
+
+    def __init__(self, fraction_bits: int = FRACTION_BITS) -> None:
+        from fedilora.errors import ConfigError
+
+        if not 8 <= fraction_bits <= 40:
+            raise ConfigError(f"trainer.secure_aggregation.fraction_bits: must be in 8..40, got {fraction_bits}")
+        self.fraction_bits = fraction_bits
+
+    def setup(self, aggregator_name: str) -> SecureAggregation:
+        from fedilora.errors import ConfigError
+
+        if aggregator_name in UNSUPPORTED:
+            raise ConfigError(
+                f"trainer.secure_aggregation: not available with {aggregator_name}: {UNSUPPORTED[aggregator_name]}"
+            )
+        return self
+
+    def sum(
+        self, contributions: Mapping[int, Mapping[str, Tensor]], context: bytes, dropped: Sequence[int] = ()
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """The sum of ``contributions`` (client id -> tensors) computed from masked vectors only, and the
+        protocol's cost: bytes the clients uploaded (masked vectors and public keys) and passes."""
+        participants = sorted(contributions)
+        _, layout = flatten(contributions[participants[0]])
+        uploaded, passes = 0, 0
+        while True:
+            passes += 1
+            keys = {c: MaskingKey() for c in participants}
+            publics = {c: k.public for c, k in keys.items()}
+            pass_context = context + f"/pass-{passes}".encode()
+            masked = {
+                c: self._mask(contributions[c], c, keys[c], publics, pass_context)
+                for c in participants
+                if c not in dropped
+            }
+            uploaded += sum(32 + 8 * m.numel() for m in masked.values())
+            if len(masked) == len(participants):
+                break
+            participants = sorted(masked)  # redo the masking among the survivors
+            dropped = ()
+        return unmask_sum(list(masked.values()), layout, self.fraction_bits), {
+            "secagg/bytes_uploaded": float(uploaded),
+            "secagg/passes": float(passes),
+        }
+
+    def _mask(self, contribution, client_id, key, publics, context) -> Tensor:
+        return mask(contribution, client_id, key, publics, context, self.fraction_bits)
