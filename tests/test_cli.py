@@ -226,7 +226,7 @@ def test_a_damaged_or_hostile_checkpoint_by_path_is_one_line(capsys, tmp_path, c
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["--model.lr", "0.002"], "model.lr: checkpoint 0.001, config 0.002"),
+        (["--model.lr", "0.003"], "model.lr: checkpoint 0.002, config 0.003"),
         (["--data.missing_rate", "0.5"], "data.missing_rate: checkpoint 0.4, config 0.5"),
         (["--trainer.seed", "1"], "trainer.seed: checkpoint 0, config 1"),
     ],
@@ -248,7 +248,7 @@ def test_hyper_parameters_in_a_checkpoint_do_not_change_the_config(capsys, tmp_p
     main(["fit", "--config", DEMO, *SMALL, "--trainer.root_dir", str(tmp_path), "--ckpt_path", str(path)])
     assert "resumed from" in capsys.readouterr().out
     config = yaml.safe_load((tmp_path / "demo" / "version_0" / "config.yaml").read_text())
-    assert config["model"]["lr"] == 0.001
+    assert config["model"]["lr"] == 0.002  # configs/common/model.yaml's
 
 
 def test_export_has_an_overwrite_option(capsys):

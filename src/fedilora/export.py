@@ -182,10 +182,10 @@ def load_classifier(directory: str | Path) -> LoRACLIPClassifier:
             f"backbone_seed: {type(err).__name__}: {err})"
         ) from None
     accepted = inspect.signature(LoRACLIPClassifier.__init__).parameters
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # peft's initialisation of the adapter draws random numbers too
         torch.manual_seed(seed)  # what the trainer does before it builds the backbone
         model = LoRACLIPClassifier(**{k: v for k, v in arguments.items() if k in accepted})
         model.configure_model()
-    model.backbone = load_adapter(model.backbone, directory)
+        model.backbone = load_adapter(model.backbone, directory)
     model.load_extra_state(load_head(directory))
     return model.eval()
