@@ -419,12 +419,19 @@ def test_simulation_equals_fedilora_fit_across_a_server_restart(federation, tmp_
 
 
 @pytest.mark.slow
-def test_failed_run_is_reported(federation):
+def test_failed_run_is_reported(federation, monkeypatch, capsys):
     """``flwr run`` exits 0 when the ServerApp fails; ``Federation.run`` reads the run's status instead,
     and the failure names the bad option."""
     federation.start_superlink()
     with pytest.raises(FlowerRunError, match=r"finished:failed.*trainer.rounds: must be >= 1"):
         federation.run(APP, {"config": "configs/demo.yaml", "overrides": "--trainer.rounds=0"}, timeout=300)
+    # the command for users: same check, exit status 1 and the reason on stderr
+    from fedilora.flower.__main__ import main
+
+    monkeypatch.setenv("FLWR_HOME", str(federation.home))
+    monkeypatch.chdir(ROOT)
+    assert main(["run", str(APP), "fedilora", "-c", 'overrides="--trainer.max_local_steps=0"']) == 1
+    assert "trainer.max_local_steps: must be >= 1 or null, got 0" in capsys.readouterr().err
 
 
 class FailFrom(FederatedCallback):
