@@ -125,6 +125,100 @@ def test_config_path_not_found_names_what_was_tried(tmp_path):
         resolve_path("b.yaml", [tmp_path])
 
 
+def _table_config(tmp_path, classes: str) -> str:
+    """The resolved config of a 2-client federation on a user's CSV (fedilora.data.generic)."""
+    from fedilora.flower.config import parse
+    from test_datasets_fixtures import make_table
+
+    server_csv = make_table(tmp_path / "server", n=16)
+    config = tmp_path / "table.yaml"
+    config.write_text(
+        f"""
+trainer: {{ranks: [8, 4], clients_per_round: 2, rounds: 1, max_local_steps: 1, root_dir: {tmp_path / "runs"}}}
+model: {{model_name: fedilora-tiny, head_hidden: 16}}
+data:
+  dataset:
+    class_path: fedilora.data.generic.MultimodalTable
+    init_args: {{path: {server_csv}, image_column: file, text_column: caption, label_column: tags,
+                image_size: 32, test_fraction: 0.25{classes}}}
+  num_clients: 2
+  missing_rate: [0.0, 0.5]
+  batch_size: 4
+"""
+    )
+    return parse(str(config)).yaml
+
+
+def test_a_node_trains_on_its_own_data_file(tmp_path):
+    """``--node-config 'partition-id=1 data-path=...'``: the node's file replaces the config's dataset
+    path; it is client 1 of the federation with its own samples, and trains on them."""
+    from fedilora.flower.client_work import handle
+    from test_datasets_fixtures import make_table
+
+    yaml_text = _table_config(tmp_path, ", classes: [bird, cat, dog]")
+    own = make_table(tmp_path / "node1", n=24)
+    node = {"partition-id": 1, "data-path": str(own)}
+    query = handle({"kind": "query", "config": {"fedilora-config": yaml_text}, "node_config": node, "arrays": {}})
+    answer = query["config"]["client"]
+    assert (answer["client-id"], answer["rank"]) == (1, 4)
+    assert answer["num-samples"] == 14  # 24 rows: 6 held out as the global test set, 10% val, 10% test
+    from fedilora.flower.client_work import _RUNTIMES
+
+    (runtime,) = _RUNTIMES.values()
+    assert runtime.parsed.datamodule.dataset.path == own and runtime.parsed.datamodule.num_clients == 1
+    model = runtime.parsed.model
+    model.add_ranks([4])
+    arrays = {"lora": model.lora_state(4), "extra": model.extra_state(), "base": {}}
+    request = {
+        "kind": "train",
+        "config": {"fedilora-config": yaml_text, "round": 0, "client-id": 1, "rank": 4},
+        "node_config": node,
+        "arrays": {name: {k: v.numpy() for k, v in state.items()} for name, state in arrays.items()},
+    }
+    update = update_from_record(reply_to_records(handle(request)))
+    assert (update.client_id, update.rank, update.num_samples) == (1, 4, 14)
+    assert math.isfinite(update.train_loss)
+
+
+def test_own_data_file_must_give_the_federations_classes(tmp_path):
+    """Without a class list in the config, classes come from each file: a node whose file lacks one
+    would build a head of another size; the run stops with the reason instead (``fatal``)."""
+    from fedilora.flower.client_work import handle
+    from test_datasets_fixtures import make_table
+
+    yaml_text = _table_config(tmp_path, "")
+    own = make_table(tmp_path / "node0", n=24)
+    with own.open() as handle_:
+        rows = handle_.read().splitlines()
+    own.write_text("\n".join([rows[0]] + [r for r in rows[1:] if not r.endswith(",bird")]) + "\n")  # 2 classes
+    node = {"partition-id": 0, "data-path": str(own)}
+    extra = {"head.3.weight": torch.zeros(3, 16).numpy(), "head.3.bias": torch.zeros(3).numpy()}
+    request = {
+        "kind": "train",
+        "config": {"fedilora-config": yaml_text, "round": 0, "client-id": 0, "rank": 8},
+        "node_config": node,
+        "arrays": {"lora": {}, "extra": extra, "base": {}},
+    }
+    assert handle(request)["config"]["fatal"]["error"] == (
+        "node config: data-path gives 2 classes (multiclass) but the federation's head differs (head.3.weight: "
+        "(2, 16) here, (3, 16) sent); list data.dataset.init_args.classes in the config"
+    )
+
+
+def test_own_data_file_needs_a_file_dataset(flower_trainer_factory):
+    from fedilora.flower.client_work import handle
+
+    yaml_text = flower_trainer_factory().config_yaml  # the embedded synthetic benchmark: no file
+    request = {
+        "kind": "query",
+        "config": {"fedilora-config": yaml_text},
+        "node_config": {"partition-id": 0, "data-path": "/data/mine.csv"},
+        "arrays": {},
+    }
+    error = handle(request)["config"]["client"]["error"]
+    assert error.startswith("node config: data-path needs a file dataset in the config")
+
+
 # ------------------------------------------------------------------------------ server: nodes and inbox
 @pytest.fixture(autouse=True)
 def _task_identity(monkeypatch):
@@ -325,12 +419,19 @@ def test_simulation_equals_fedilora_fit_across_a_server_restart(federation, tmp_
 
 
 @pytest.mark.slow
-def test_failed_run_is_reported(federation):
+def test_failed_run_is_reported(federation, monkeypatch, capsys):
     """``flwr run`` exits 0 when the ServerApp fails; ``Federation.run`` reads the run's status instead,
     and the failure names the bad option."""
     federation.start_superlink()
     with pytest.raises(FlowerRunError, match=r"finished:failed.*trainer.rounds: must be >= 1"):
         federation.run(APP, {"config": "configs/demo.yaml", "overrides": "--trainer.rounds=0"}, timeout=300)
+    # the command for users: same check, exit status 1 and the reason on stderr
+    from fedilora.flower.__main__ import main
+
+    monkeypatch.setenv("FLWR_HOME", str(federation.home))
+    monkeypatch.chdir(ROOT)
+    assert main(["run", str(APP), "fedilora", "-c", 'overrides="--trainer.max_local_steps=0"']) == 1
+    assert "trainer.max_local_steps: must be >= 1 or null, got 0" in capsys.readouterr().err
 
 
 class FailFrom(FederatedCallback):

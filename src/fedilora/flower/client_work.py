@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from fedilora.callbacks import hook_caller
 from fedilora.client import fit_client
@@ -38,14 +39,36 @@ Reply = dict[str, Any]
 
 
 class ClientRuntime:
-    """What one process needs to serve the clients of one config: the parsed config, the data and the
-    model with its frozen backbone, built in the order ``fedilora fit`` builds them (a random-init
-    backbone is then the same tensor bit for bit). One model serves every client of the process: a
-    client is its rank's adapter, its received state and its data."""
+    """What one process needs to serve clients of one config: the parsed config, the data and the model
+    with its frozen backbone, built in the order ``fedilora fit`` builds them (a random-init backbone is
+    then the same tensor bit for bit). One model serves every client of the process: a client is its
+    rank's adapter, its received state and its data.
 
-    def __init__(self, config_yaml: str) -> None:
+    Args:
+        config_yaml: The resolved config the server sent.
+        data_path: A node's own data file (node config ``data-path``): it replaces the path of the
+            config's file dataset (e.g. ``fedilora.data.generic.MultimodalTable``) and is this node's
+            only client (data index 0); ``client`` picks its missing rate from a per-client list.
+    """
+
+    def __init__(self, config_yaml: str, data_path: str | None = None, client: int = 0) -> None:
         started = time.perf_counter()
-        self.parsed: Parsed = parse(config_yaml)
+        data = (yaml.safe_load(config_yaml) or {}).get("data") or {}
+        self.num_clients = int(data.get("num_clients", 1))  # of the federation, whatever this node holds
+        overrides = []
+        if data_path is not None:
+            dataset = data.get("dataset") or {}
+            if "path" not in (dataset.get("init_args") or {}):
+                raise ConfigError(
+                    f"node config: data-path needs a file dataset in the config (data.dataset with a path, e.g. "
+                    f"fedilora.data.generic.MultimodalTable), not {dataset.get('class_path', dataset)}"
+                )
+            rate = data.get("missing_rate", 0.0)
+            rate = rate[client] if isinstance(rate, list) else rate
+            overrides = [f"--data.dataset.init_args.path={data_path}", "--data.num_clients=1"]
+            overrides.append(f"--data.missing_rate={rate}")
+        self.own_data = data_path is not None
+        self.parsed: Parsed = parse(config_yaml, overrides)
         trainer, model, datamodule = self.parsed.trainer, self.parsed.model, self.parsed.datamodule
         self.fabric = trainer.fabric
         self.fabric.seed_everything(trainer.seed, verbose=False)
@@ -56,16 +79,27 @@ class ClientRuntime:
         self._pristine: dict[str, torch.Tensor] = {}  # base weights as built, of modules a merge changed
         self.build_seconds = time.perf_counter() - started
 
-    @property
-    def num_clients(self) -> int:
-        return self.parsed.datamodule.num_clients
-
     def identity(self, node_config: Mapping[str, Any]) -> tuple[int, int]:
         return node_identity(node_config, self.num_clients, self.parsed.trainer.ranks)
 
-    def prepare(self, rank: int, base: State) -> None:
-        """An adapter of ``rank``, and the base weights the server's aggregator merged (FLoRA)."""
+    def data_index(self, client: int) -> int:
+        """Where ``client``'s splits are in this runtime's datamodule."""
+        return 0 if self.own_data else client
+
+    def prepare(self, rank: int, base: State, extra: State) -> None:
+        """An adapter of ``rank``, the base weights the server's aggregator merged (FLoRA), and a check
+        that the head sent fits this node's data."""
         model = self.parsed.model
+        own = {k: tuple(v.shape) for k, v in model.extra_state().items()}
+        sent = {k: tuple(v.shape) for k, v in extra.items()}
+        if own != sent:
+            differ = [k for k in own if k in sent and own[k] != sent[k]] or sorted(own.keys() ^ sent.keys())
+            key = differ[0]
+            raise ConfigError(
+                f"node config: data-path gives {model.num_classes} classes ({self.parsed.datamodule.task}) but the "
+                f"federation's head differs ({key}: {own.get(key)} here, {sent.get(key)} sent); list "
+                "data.dataset.init_args.classes in the config"
+            )
         if rank not in model.ranks:
             model.add_ranks([rank])
         for module in base.keys() - self._pristine.keys():
@@ -98,13 +132,17 @@ _RUNTIMES: dict[str, ClientRuntime] = {}
 BUILDS = {"count": 0, "seconds": 0.0}
 
 
-def runtime_for(config_yaml: str) -> ClientRuntime:
-    """The runtime of this config, built on first use and kept in this process (one config at a time)."""
-    key = hashlib.sha256(config_yaml.encode()).hexdigest()
+def runtime_for(config_yaml: str, node_config: Mapping[str, Any]) -> ClientRuntime:
+    """The runtime of this config (and node data file), built on first use and kept in this process
+    (one at a time); ``FEDILORA_FLOWER_CACHE=0`` rebuilds it for every message."""
+    data_path = node_config.get("data-path")
+    data_path = None if data_path in (None, "") else str(data_path)
+    client = node_config.get("partition-id", 0) if data_path is not None else 0
+    key = hashlib.sha256(f"{config_yaml}\0{data_path}\0{client}".encode()).hexdigest()
     if key not in _RUNTIMES or os.environ.get("FEDILORA_FLOWER_CACHE", "1") == "0":
         _RUNTIMES.clear()
         set_threads()
-        _RUNTIMES[key] = ClientRuntime(config_yaml)
+        _RUNTIMES[key] = ClientRuntime(config_yaml, data_path, client if isinstance(client, int) else 0)
         BUILDS["count"] += 1
         BUILDS["seconds"] += _RUNTIMES[key].build_seconds
     return _RUNTIMES[key]
@@ -135,22 +173,25 @@ def handle(request: Request) -> Reply:
 def _handle(request: Request) -> Reply:
     kind, config, node_config = request["kind"], request["config"], request["node_config"]
     try:
-        runtime = runtime_for(str(config["fedilora-config"]))
+        runtime = runtime_for(str(config["fedilora-config"]), node_config)
         client, rank = runtime.identity(node_config)
     except ConfigError as err:
         key = "client" if kind == "query" else "fatal"
         return {"config": {key: {"error": str(err)}}}
-    datamodule, trainer = runtime.parsed.datamodule, runtime.parsed.trainer
+    datamodule, trainer, index = runtime.parsed.datamodule, runtime.parsed.trainer, runtime.data_index(client)
     if kind == "query":
-        answer = {"client-id": client, "rank": rank, "num-samples": datamodule.num_train_samples(client)}
+        answer = {"client-id": client, "rank": rank, "num-samples": datamodule.num_train_samples(index)}
         return {"config": {"client": answer}}
     if client != int(config["client-id"]):
         raise RuntimeError(f"this node is client {client}, the message is for client {config['client-id']}")
     arrays = {name: _tensors(request["arrays"][name]) for name in ("lora", "extra", "base")}
     if kind == "evaluate":
         rank = int(config["rank"])  # the personalized model's rank (this client's, as it trained)
-        runtime.prepare(rank, arrays["base"])
-        loader = datamodule.client_dataloader(client, "test")
+        try:
+            runtime.prepare(rank, arrays["base"], arrays["extra"])
+        except ConfigError as err:
+            return {"config": {"fatal": {"error": str(err)}}}
+        loader = datamodule.client_dataloader(index, "test")
         evaluated = len(loader) > 0
         state = (rank, arrays["lora"], arrays["extra"])
         metrics = evaluate_state(runtime.parsed.model, runtime.fabric, state, loader) if evaluated else {}
@@ -162,13 +203,13 @@ def _handle(request: Request) -> Reply:
         raise ValueError(f"unknown request {kind!r}")
     if rank != int(config["rank"]):
         raise RuntimeError(f"this node has rank {rank}, the message is for rank {config['rank']}")
-    runtime.prepare(rank, arrays["base"])
     try:
+        runtime.prepare(rank, arrays["base"], arrays["extra"])
         update = fit_client(
             runtime.parsed.model,
             runtime.fabric,
-            lambda generator: datamodule.client_dataloader(client, "train", generator),
-            datamodule.num_train_samples(client),
+            lambda generator: datamodule.client_dataloader(index, "train", generator),
+            datamodule.num_train_samples(index),
             round=int(config["round"]),
             client_id=client,
             rank=rank,
