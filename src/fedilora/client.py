@@ -106,7 +106,10 @@ def fit_client(
                 if step >= total_steps:
                     break
     except ConfigError as err:
-        raise ConfigError(_worker_message(str(err))) from None
+        message = _worker_message(str(err))
+        if message == str(err):
+            raise
+        raise ConfigError(message) from None  # a DataLoader worker's wrapping: keep the one-line message
     update = ClientUpdate(
         client_id=client_id,
         rank=rank,
