@@ -731,6 +731,12 @@ def format_results(results: dict) -> str:
             line(header),
             "|" + "|".join("-" * (w + 2) for w in widths) + "|",
             *(line(r) for r in rows),
+            *([_edits_line(results["edits"])] if "edits" in results else []),
             f"logs: {results['log_dir']}",
         ]
     )
+
+
+def _edits_line(edits: dict) -> str:
+    line = f"edits: {edits['total']} in {edits['rounds_with_edits']} of {edits['rounds_eligible']} rounds"
+    return line + (" (warning: model editing never ran)" if edits["total"] == 0 else "")
