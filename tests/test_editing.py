@@ -144,7 +144,11 @@ def test_a_run_without_edits_says_so(capsys):
 
     class _Trainer:
         fabric = _Fabric()
-        history = [{"round": 1, "edit/num_edited": 0.0, "edit/similarity_min": 0.985, "edit/similarity_mean": 0.99}]
+
+        def __init__(self):
+            self.history = [
+                {"round": 1, "edit/num_edited": 0.0, "edit/similarity_min": 0.985, "edit/similarity_mean": 0.99}
+            ]
 
     results = {}
     ModelEditing(threshold=0.95).on_fit_end(trainer=_Trainer(), results=results)

@@ -57,13 +57,14 @@ def edited_run(tmp_path_factory):
         callbacks=[_Spy(before), ModelEditing(keys="lora_A", num_edits=1, threshold=1.0, blend="half"), _Spy(after)],
         root_dir=str(tmp_path_factory.mktemp("runs")), progress=False, checkpoint_every=None,
     )  # fmt: skip
-    datamodule = tiny_datamodule(num_clients=3, partition="dirichlet", dirichlet_alpha=0.1, seed=2)  # 13, 109, 196 samples
+    # 13, 109 and 196 training samples
+    datamodule = tiny_datamodule(num_clients=3, partition="dirichlet", dirichlet_alpha=0.1, seed=2)
     results = trainer.fit(model, datamodule)
     return trainer, before, after, results
 
 
 def test_editing_blends_towards_the_received_global_not_the_trained_adapter(edited_run):
-    trainer, before, after, results = edited_run
+    _, before, after, results = edited_run
     checked = 0
     for (round_, client), trained in before["lora"].items():
         received = truncate(before["global"][round_], before["rank"][client])
