@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from fedilora import baselines  # noqa: F401  (registers the baseline aggregators by short name)
 from fedilora.aggregation import Aggregator
 from fedilora.callbacks import FederatedCallback
+from fedilora.coverage import DimensionWiseDelta  # noqa: F401  (registers the aggregator by short name)
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.editing import ModelEditing  # noqa: F401  (registers the editing callback by short name)
 from fedilora.errors import ConfigError
