@@ -81,11 +81,28 @@ class FediLoRACLI(LightningCLI):
         self.trainer.config_yaml = self._parser("fit").dump(self.config["fit"], skip_none=False)
 
 
+def _config_error_in(err: BaseException) -> ConfigError | None:
+    """The ConfigError that ``err`` was raised from, following the cause/context chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: Any = None) -> None:
     try:
         FediLoRACLI(args=args)
     except ConfigError as err:
         print(f"fedilora: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except ValueError as err:  # jsonargparse wraps a ConfigError raised in a list item's __init__ (a callback)
+        cause = _config_error_in(err)
+        if cause is None:
+            raise
+        print(f"fedilora: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         print("fedilora: interrupted", file=sys.stderr)
