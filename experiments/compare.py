@@ -22,11 +22,13 @@ from pathlib import Path
 
 import fedilora  # noqa: F401  (the torchvision shim first)
 from fedilora.cli import FediLoRACLI
+from fedilora.editing import edit_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = [
     "fedilora", "fedilora_no_edit", "fedilora_edit_half", "fedilora_edit_replace", "fedilora_edit_lora_b",
-    "fedilora_edit_all", "fedilora_fixed_alpha", "fedavg", "hetlora", "flora", "flexlora", "local", "centralized",
+    "fedilora_edit_all", "fedilora_fixed_alpha", "fedilora_paper", "fedilora_delta", "fedilora_delta_outlier",
+    "fedilora_outlier", "fedavg", "hetlora", "flora", "flexlora", "local", "centralized",
 ]  # fmt: skip
 SWEEP_METHODS = ["fedilora", "hetlora", "flora", "flexlora"]
 MISSING_RATES = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -58,6 +60,8 @@ def run(method: str, seed: int, out: Path, overrides: list[str], eval_every: int
         "bytes_per_round": statistics.mean(h["comm/bytes_uploaded"] + h["comm/bytes_downloaded"] for h in history),
         "curve": [(h["round"] + 1, h["global/complete/acc"]) for h in history if "global/complete/acc" in h],
         "final": {key: history[-1].get(key) for key, _ in COLUMNS},
+        # None: the method does not edit; otherwise how often the editing callback changed a matrix
+        "edits": edit_counts(history) if any("edit/num_edited" in h for h in history) else None,
     }
 
 
@@ -67,10 +71,20 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def edits_cell(runs: list[dict]) -> str:
+    """Edits per run, mean over the seeds: total matrices edited (rounds with an edit); '-' without editing."""
+    edits = [r.get("edits") for r in runs]
+    if any(e is None for e in edits):
+        return "-"
+    total = statistics.mean(e["total"] for e in edits)
+    rounds = statistics.mean(e["rounds_with_edits"] for e in edits)
+    return f"{total:g} ({rounds:g} of {edits[0]['rounds_eligible']})"
+
+
 def write_table(runs: list[dict], out: Path) -> str:
     first = runs[0]["curve"][0][0]
-    header = ["method", f"global complete, round {first}", *(name for _, name in COLUMNS), "wall time (s)",
-              "MB per round"]  # fmt: skip
+    header = ["method", f"global complete, round {first}", *(name for _, name in COLUMNS), "edits (rounds)",
+              "wall time (s)", "MB per round"]  # fmt: skip
     rows = []
     for method in dict.fromkeys(r["method"] for r in runs):
         mine = [r for r in runs if r["method"] == method]
@@ -79,7 +93,7 @@ def write_table(runs: list[dict], out: Path) -> str:
         cells += [mean_std([r["final"][key] for r in mine]) for key, _ in COLUMNS]
         wall = statistics.mean(r["wall_time_s"] for r in mine)
         megabytes = statistics.mean(r["bytes_per_round"] for r in mine) / 1e6
-        rows.append([method, *cells, f"{wall:.1f}", f"{megabytes:.2f}"])
+        rows.append([method, *cells, edits_cell(mine), f"{wall:.1f}", f"{megabytes:.2f}"])
     with (out / "table.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([header, *rows])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

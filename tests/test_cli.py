@@ -255,3 +255,23 @@ def test_export_has_an_overwrite_option(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--overwrite" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("init_args", "expected"),
+    [("criterion: zscore", ["Parser key \"criterion\"", "'threshold', 'outlier'", "zscore"]),
+     ("z_threshold: -1.0", ["fedilora: error: ModelEditing.z_threshold: must be >= 0"]),
+     ("num_edits: -1", ["fedilora: error: ModelEditing.num_edits: must be >= 0"])],
+)  # fmt: skip
+def test_bad_editing_criterion_is_one_clear_message(capsys, tmp_path, init_args, expected):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "trainer:\n  callbacks:\n    - class_path: fedilora.editing.ModelEditing\n"
+        f"      init_args:\n        {init_args}\n"
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DEMO, "--config", str(bad), "--trainer.root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert all(part in err for part in expected), err[-2000:]
+    assert "Traceback" not in err

@@ -1,5 +1,6 @@
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,9 @@ def test_quick_comparison_writes_table_and_plots(tmp_path):
     for row in rows[1:]:
         # accuracies, and bytes were communicated
         assert 0.0 <= float(row[1]) <= 1.0 and 0.0 <= float(row[2]) <= 1.0 and float(row[-1]) > 0
+    edits = rows[0].index("edits (rounds)")
+    assert re.fullmatch(r"\d+ \(\d+ of 1\)", rows[1][edits])  # 2 rounds: editing can run in round 1 only
+    assert rows[2][edits] == "-"  # hetlora has no editing
     assert "| fedilora |" in (tmp_path / "table.md").read_text()
     for plot in ("accuracy_per_round.png", "accuracy_vs_missing_rate.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

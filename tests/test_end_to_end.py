@@ -20,6 +20,9 @@ def test_two_round_demo_run(tmp_path, capsys):
     chance = 1 / 12
     assert results["global"]["complete"]["acc"] > chance + 0.25
     assert "| global, complete" in printed and "| personalized, mean of" in printed
+    edits = results["edits"]  # round 1 is the only round where editing can run
+    assert edits["rounds_eligible"] == 1 and len(edits["per_round"]) == 1
+    assert f"edits: {edits['total']} in {edits['rounds_with_edits']} of 1 rounds" in printed
     assert (run / "config.yaml").read_text().count("ranks:") == 1
     assert (run / "missing_masks.safetensors").stat().st_size > 0
     events = EventAccumulator(str(run)).Reload()

@@ -14,6 +14,7 @@ from fedilora import baselines  # noqa: F401  (registers the baseline aggregator
 from fedilora.aggregation import Aggregator
 from fedilora.callbacks import FederatedCallback
 from fedilora.checkpoint import Stopped
+from fedilora.coverage import DimensionWiseDelta  # noqa: F401  (registers the aggregator by short name)
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.editing import ModelEditing  # noqa: F401  (registers the editing callback by short name)
 from fedilora.errors import ConfigError, RunFailed
@@ -135,6 +136,17 @@ class FediLoRACLI(LightningCLI):
         self.trainer.config_yaml = self._parser("export").dump(self.config["export"], skip_none=False)
 
 
+def _config_error_in(err: BaseException) -> ConfigError | None:
+    """The ConfigError that ``err`` was raised from, following the cause/context chain, or None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(args: Any = None) -> None:
     try:
         FediLoRACLI(args=args)
@@ -144,6 +156,12 @@ def main(args: Any = None) -> None:
     except RunFailed as err:
         print(f"fedilora: error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except ValueError as err:  # jsonargparse wraps a ConfigError raised in a list item's __init__ (a callback)
+        cause = _config_error_in(err)
+        if cause is None:
+            raise
+        print(f"fedilora: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer saved the last completed round
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
         print(f"fedilora: interrupted ({signal.Signals(signum).name})", file=sys.stderr)

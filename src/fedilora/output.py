@@ -147,11 +147,17 @@ def format_results(results: Mapping) -> str:
             line(header),
             "|" + "|".join("-" * (w + 2) for w in widths) + "|",
             *(line(r) for r in rows),
+            *([_edits_line(results["edits"])] if "edits" in results else []),
             *([_privacy_line(results["privacy"])] if results.get("privacy") else []),
             *([f"NOT A SUCCESS: {problem}"] if problem else []),
             f"logs: {results['log_dir']}",
         ]
     )
+
+
+def _edits_line(edits: Mapping) -> str:
+    line = f"edits: {edits['total']} in {edits['rounds_with_edits']} of {edits['rounds_eligible']} rounds"
+    return line + (" (warning: model editing never ran)" if edits["total"] == 0 else "")
 
 
 def _privacy_line(privacy: Mapping) -> str:

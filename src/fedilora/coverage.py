@@ -1,0 +1,73 @@
+"""Dimension-wise aggregation that counts a client without a rank dimension as "no change" there.
+
+FediLoRA's rule (:func:`fedilora.aggregation.dimension_wise_average`) renormalises every rank dimension
+over the clients that have it. When a dimension is covered by one sampled client only (dims 16-31 in
+the paper's setting whenever one rank-32 client is sampled), the global dimension becomes that client's
+values wholesale: a full-size step of a single client, every round, on dimensions that the head shared
+by all clients rarely saw. HetLoRA's zero padding has the opposite defect: it shrinks the dimension's
+values, not only its step.
+
+Averaging the *updates* instead, with every sampled client weighted by its samples and a client
+without dimension i counted as having left it unchanged, gives for every rank dimension i
+
+    A_g[i] = A_prev[i] + sum_{k in C_i} p_k (A_k[i] - A_prev[i]),   p_k = n_k / sum_{j in S_t} n_j
+
+which is FedAvg of the rank-R adapter where a rank-r client's dimensions >= r were frozen at the
+broadcast values (exact, because each client starts from the truncation of A_prev). With equal ranks it
+is FedAvg; a dimension covered by clients holding a fraction m_i of the round's samples moves by m_i
+times its FediLoRA step: m_i A_dw[i] + (1 - m_i) A_prev[i], with A_dw FediLoRA's renormalised average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from fedilora.aggregation import (
+    Aggregator,
+    ClientUpdate,
+    State,
+    dimension_wise_average,
+    rank_axis,
+    sample_weights,
+)
+
+
+def coverage_mass(ranks: Sequence[int], weights: Tensor, global_rank: int) -> Tensor:
+    """``[R]``: m_i = sum_{k : r_k > i} p_k / sum_k p_k, the share of the round's weight that has dimension i."""
+    w = weights.to(torch.float64)
+    covers = torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]
+    return (w[:, None] * covers).sum(dim=0) / w.sum()
+
+
+def dimension_wise_delta_average(
+    previous: Mapping[str, Tensor], client_loras: Sequence[Mapping[str, Tensor]], ranks: Sequence[int], weights: Tensor
+) -> State:
+    """A_prev + sum_{k in C_i} p_k (A_k - A_prev) per rank dimension (likewise B), p over every sampled client.
+
+    Built on FediLoRA's renormalised average A_dw: the result is m_i A_dw[i] + (1 - m_i) A_prev[i].
+    """
+    if not client_loras:
+        return dict(previous)
+    averaged = dimension_wise_average(previous, client_loras, ranks, weights)
+    out = {}
+    for key, prev in previous.items():
+        axis = rank_axis(key)
+        mass = coverage_mass(ranks, weights, prev.shape[axis]).to(prev.dtype)
+        mass = mass.view(-1, 1) if axis == 0 else mass.view(1, -1)
+        out[key] = mass * averaged[key] + (1 - mass) * prev
+    return out
+
+
+class DimensionWiseDelta(Aggregator):
+    """FediLoRA's dimension-wise aggregation of updates: a client without a rank dimension counts as no change.
+
+    See :mod:`fedilora.coverage`. Equal ranks: FedAvg; one client: that client.
+    """
+
+    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
+        return dimension_wise_delta_average(
+            global_lora, [u.lora for u in updates], [u.rank for u in updates], sample_weights(updates)
+        )
