@@ -5,11 +5,12 @@ from fedilora.data.datamodule import FederatedDataModule
 from fedilora.data.files import FileSource, ImageFiles
 from fedilora.data.generic import MultimodalTable
 from fedilora.data.source import MultimodalData, MultimodalSource
-from fedilora.data.synthetic import SyntheticBenchmark
+from fedilora.data.synthetic import HardSyntheticBenchmark, SyntheticBenchmark
 
 __all__ = [
     "FederatedDataModule",
     "FileSource",
+    "HardSyntheticBenchmark",
     "HatefulMemes",
     "ImageFiles",
     "MMIMDb",
