@@ -6,7 +6,7 @@ the seeds (``trainer.seed`` and ``data.seed``: initialisation, client sampling, 
 masks) differ between the runs of a method.
 
     fedilora compare --methods fedilora,fedavg,hetlora --data configs/datasets/hard.yaml --seeds 0,1,2 \\
-        --rounds 30 --out experiments/results/hard
+        --rounds 40 --out experiments/results/hard
     fedilora compare --out experiments/results/hard --tabulate       # only rebuild table and plots
     fedilora compare --methods fedilora,fedavg --seeds 0 -- --trainer.max_local_steps 5   # any fit option
 
@@ -364,7 +364,7 @@ def parse_args(argv: list[str], sweep_methods: list[str] | None = None) -> tuple
     parser.add_argument("--eval-every", type=int, default=3, help="rounds between evaluations (curve points)")
     parser.add_argument("--sweep-methods", nargs="*", help="methods of a missing-rate sweep (seed 0)")
     parser.add_argument("--sweep-seeds", nargs="+", default=["0"])
-    parser.add_argument("--missing-rates", nargs="+", default=[",".join(map(str, MISSING_RATES))])
+    parser.add_argument("--missing-rates", nargs="+", help="sweep rates (default: 0,0.2,0.4,0.6,0.8; quick: 0,0.4)")
     parser.add_argument("--out", type=Path, default=Path("experiments") / "results" / "compare")
     parser.add_argument("--tabulate", action="store_true", help="only rebuild table and plots from --out/runs.json")
     parser.add_argument("--quick", action="store_true", help="seconds: fedilora and hetlora, seed 0, 2 rounds of "
@@ -377,12 +377,12 @@ def parse_args(argv: list[str], sweep_methods: list[str] | None = None) -> tuple
     try:
         args.seeds = [int(s) for s in _names(args.seeds or (["0"] if quick else ["0,1,2"]))]
         args.sweep_seeds = [int(s) for s in _names(args.sweep_seeds)]
-        args.missing_rates = [float(r) for r in _names(args.missing_rates)]
+        rates = args.missing_rates or [",".join(map(str, [0.0, 0.4] if quick else MISSING_RATES))]
+        args.missing_rates = [float(r) for r in _names(rates)]
     except ValueError as err:
         parser.error(f"--seeds/--sweep-seeds/--missing-rates: {err}")
     if quick:
         args.eval_every = 1
-        args.missing_rates = args.missing_rates[:1] + args.missing_rates[2:3]  # 0.0 and 0.4 by default
         overrides = [*QUICK, *([] if args.data else QUICK_SYNTHETIC), *overrides]
     return args, overrides
 
