@@ -72,6 +72,7 @@ BAD_INPUT = [
     (["--trainer.ranks", "[32,32,16,16,8,8,4,4,4,0]"], "trainer.ranks: every LoRA rank must be a positive"),
     (["--trainer.ranks", "128"], "trainer.ranks: rank 128 exceeds the dimensions of LoRA target"),
     (["--data.missing_rate", "[0.1,0.2]"], "data.missing_rate: 2 rates given for 10 clients"),
+    (["--data.missing_kind", "[text,image]"], "data.missing_kind: 2 kinds given for 10 clients"),
     (["--trainer.ranks", "4", "--data.num_clients", "6000"], "data.num_clients: 6000 clients but the training pool"),
     (
         [
@@ -98,6 +99,8 @@ BAD_INPUT = [
     (["--model.lora_towers", "[audio]"], "model.lora_towers: unknown tower 'audio'"),
     (["--model.missing_strategy", "mean"], 'Parser key "model.missing_strategy"'),
     (["--data.missing_kind", "audio"], 'Parser key "data.missing_kind"'),
+    (["--data.missing_kind", "[text,audio]"], 'Parser key "data.missing_kind"'),
+    (["--data.personal_test_missing", "mine"], 'Parser key "data.personal_test_missing"'),
     (["--data.partition", "random"], 'Parser key "data.partition"'),
     # files
     (["--model.pretrained", "/no/such/file.pt"], "model.pretrained: '/no/such/file.pt'"),

@@ -148,6 +148,11 @@ def _config_error_in(err: BaseException) -> ConfigError | None:
 
 
 def main(args: Any = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["compare"]:  # methods side by side: its own options, runs `fit` for each method
+        from fedilora.compare import main as compare
+
+        return compare(argv[1:])
     try:
         FediLoRACLI(args=args)
     except ConfigError as err:

@@ -7,12 +7,13 @@ from fedilora.data.files import FileSource, ImageFiles
 from fedilora.data.generic import MultimodalTable
 from fedilora.data.hf import HuggingFaceDataset
 from fedilora.data.source import MultimodalData, MultimodalSource
-from fedilora.data.synthetic import SyntheticBenchmark
+from fedilora.data.synthetic import HardSyntheticBenchmark, SyntheticBenchmark
 
 __all__ = [
     "DataError",
     "FederatedDataModule",
     "FileSource",
+    "HardSyntheticBenchmark",
     "HatefulMemes",
     "HuggingFaceDataset",
     "ImageFiles",

@@ -126,9 +126,14 @@ class FederatedDataModule(L.LightningDataModule):
         missing_rate: Fraction of each client's train/val samples missing a modality: one value for
             all clients or one per client.
         missing_kind: Which modality goes missing: ``image``, ``text`` or ``both`` (each incomplete
-            sample loses the image or the text with equal probability, never both).
+            sample loses the image or the text with equal probability, never both); one kind for all
+            clients or one per client. An image-only client is ``missing_kind: text`` with
+            ``missing_rate: 1.0``; a text-only client is ``image`` with ``1.0``.
         test_missing_rate: Missing rate of the clients' test splits and of the ``missing`` condition of
             the global test set (complete / image-only / text-only are always reported).
+        personal_test_missing: ``test_missing_rate`` (default): the clients' test splits lose modalities
+            at ``test_missing_rate``; ``own``: each client's test split loses them like its train split
+            (its own rate and kind), so personalized accuracy is measured on the client's own kind of data.
         val_fraction: Fraction of each client's samples held out for validation.
         test_fraction: Fraction of each client's samples held out for its personalized test.
         batch_size: Local training batch size.
@@ -147,8 +152,9 @@ class FederatedDataModule(L.LightningDataModule):
         partition: Literal["iid", "dirichlet"] = "iid",
         dirichlet_alpha: float = 0.5,
         missing_rate: float | list[float] = 0.0,
-        missing_kind: MissingKind = "both",
+        missing_kind: MissingKind | list[MissingKind] = "both",
         test_missing_rate: float = 0.0,
+        personal_test_missing: Literal["test_missing_rate", "own"] = "test_missing_rate",
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         batch_size: int = 32,
@@ -162,13 +168,25 @@ class FederatedDataModule(L.LightningDataModule):
             raise ConfigError(f"data.num_clients: must be >= 1, got {num_clients}")
         if partition not in ("iid", "dirichlet"):
             raise ConfigError(f"data.partition: unknown {partition!r}; allowed: iid, dirichlet")
-        if missing_kind not in ("image", "text", "both"):
-            raise ConfigError(f"data.missing_kind: unknown {missing_kind!r}; allowed: image, text, both")
+        kinds = [missing_kind] * num_clients if isinstance(missing_kind, str) else list(missing_kind)
+        for client, kind in enumerate(kinds):
+            if kind not in ("image", "text", "both"):
+                where = "" if isinstance(missing_kind, str) else f" (client {client})"
+                raise ConfigError(f"data.missing_kind: unknown {kind!r}{where}; allowed: image, text, both")
+        if len(kinds) != num_clients:
+            raise ConfigError(
+                f"data.missing_kind: {len(kinds)} kinds given for {num_clients} clients; "
+                "give one kind or one per client"
+            )
         rates = [missing_rate] * num_clients if isinstance(missing_rate, (int, float)) else list(missing_rate)
         if len(rates) != num_clients:
             raise ConfigError(
                 f"data.missing_rate: {len(rates)} rates given for {num_clients} clients; "
                 "give one value or one per client"
+            )
+        if personal_test_missing not in ("test_missing_rate", "own"):
+            raise ConfigError(
+                f"data.personal_test_missing: unknown {personal_test_missing!r}; allowed: test_missing_rate, own"
             )
         for name, values in (("missing_rate", rates), ("test_missing_rate", [test_missing_rate])):
             for value in values:
@@ -184,8 +202,9 @@ class FederatedDataModule(L.LightningDataModule):
         self.num_clients = num_clients
         self.partition, self.dirichlet_alpha = partition, dirichlet_alpha
         self.missing_rates = [float(r) for r in rates]
-        self.missing_kind: MissingKind = missing_kind
+        self.missing_kinds: list[MissingKind] = kinds
         self.test_missing_rate = test_missing_rate
+        self.personal_test_missing = personal_test_missing
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.tokenizer, self.seed = tokenizer, seed
@@ -229,11 +248,15 @@ class FederatedDataModule(L.LightningDataModule):
                 )
             entry = {}
             for k, (split, index) in enumerate(splits.items()):
-                rate = self.test_missing_rate if split == "test" else self.missing_rates[client]
-                masks = missing_masks(len(index), rate, self.missing_kind, seed=(self.seed * 7919 + client) * 4 + k)
+                own = split != "test" or self.personal_test_missing == "own"
+                rate = self.missing_rates[client] if own else self.test_missing_rate
+                kind = self.missing_kinds[client]
+                masks = missing_masks(len(index), rate, kind, seed=(self.seed * 7919 + client) * 4 + k)
                 entry[split] = (index, *masks)
             self.clients.append(entry)
-        self.test_masks = missing_masks(len(test), self.test_missing_rate, self.missing_kind, seed=self.seed * 7919 - 1)
+        # the global "missing" condition: the kind of the clients when they all share one, else both
+        kind = self.missing_kinds[0] if len(set(self.missing_kinds)) == 1 else "both"
+        self.test_masks = missing_masks(len(test), self.test_missing_rate, kind, seed=self.seed * 7919 - 1)
         self.duplicates = self._count_duplicates()
 
     def _require_two_classes(self, pool: MultimodalData) -> None:
