@@ -119,6 +119,7 @@ UNSUPPORTED = {
     "sensitivity of the aggregate is unbounded",
     "FLoRA": "it stacks every client's factors into the global adapter, releasing each update as it is",
     "FlexLoRA": "its SVD re-factorisation needs every client's factors and is not a sum of clipped updates",
+    "DimensionWiseDelta": "its per-dimension average over every sampled client is not wired to the noised sums yet",
     "Local": "nothing is shared, so there is nothing to privatise",
     "Centralized": "it pools the raw data: there is no client update to privatise",
 }
