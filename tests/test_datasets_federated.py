@@ -78,11 +78,6 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the trainer to let fedilora.data.DataError through instead of leaving the client out "
-    "(issue 11, bad 1; trainer branch): remove this mark once that is merged",
-)
 def test_an_image_failing_in_training_stops_the_run_with_file_and_line(tmp_path, capsys):
     files, args = _table_run(tmp_path)
     _truncate(files.parent / "pics" / "004.png")  # passes the default (header) check; fails to decode

@@ -163,7 +163,8 @@ def test_a_data_error_in_training_stops_the_run_with_the_file(tmp_path, capsys, 
     with pytest.raises(ConfigError) as error:
         _fit(tmp_path, [], datamodule=datamodule)
     message = str(error.value)
-    assert message.startswith(f"{bad}: cannot decode the image") and "\n" not in message
+    # one line naming the client's split and the file (fedilora.data.DataError's wording)
+    assert message.startswith(f"client 1's train split: image file {bad} cannot be decoded") and "\n" not in message
     assert "left out" not in capsys.readouterr().out  # not taken for a client fault
     assert not list(tmp_path.glob("fedilora/version_*/results.json"))
 

@@ -185,7 +185,6 @@ class ModelEditing(FederatedCallback):
         trainer.log_histogram("edit/similarity", sims, round)
         edited = [f"client {c}: {k} (lam={lam:.3f})" for c, r in self._reports for k, lam in r.edited.items()]
         trainer.log_text("edit/edited_matrices", "\n\n".join(edited) or "none", round)
-        self._reports = []
 
     def on_fit_end(self, trainer, results: dict) -> None:
         # counted from the round history, which a resumed run restores from its checkpoint

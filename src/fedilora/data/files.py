@@ -215,6 +215,21 @@ class BadSamples:
             )
 
 
+def hold_out(pool: list, fraction: float, seed: int, where: str, instead: str) -> tuple[list, list]:
+    """``(pool, test)``: a seeded ``fraction`` of ``pool`` held out as the test set, for data that ships
+    none. ``where`` names the data in the error; ``instead`` is the option that gives a test split."""
+    order = list(range(len(pool)))
+    random.Random(f"{seed}:holdout").shuffle(order)
+    n_test = max(1, round(fraction * len(pool)))
+    if n_test >= len(pool):
+        raise DataError(
+            f"{where}: {len(pool)} usable samples are too few to hold out a test set "
+            f"(data.dataset.test_fraction {fraction}); give {instead}"
+        )
+    held = set(order[:n_test])
+    return [r for i, r in enumerate(pool) if i not in held], [r for i, r in enumerate(pool) if i in held]
+
+
 def text_problem(text: object) -> str | None:
     if text is None or not isinstance(text, str):
         return f"text is {type(text).__name__}, not a string" if text is not None else "empty text"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ from fedilora.data.files import (
     FileSource,
     OnBadSample,
     Record,
+    hold_out,
     text_problem,
     undecodable,
 )
@@ -151,17 +151,7 @@ class MultimodalTable(FileSource):
         self._parsed = None  # a second load() reads the files again, with fresh counts
         pool = self._records(pool_rows, pool_bad)
         if test_rows is None:
-            order = list(range(len(pool)))
-            random.Random(f"{self.seed}:holdout").shuffle(order)
-            n_test = max(1, round(self.test_fraction * len(pool)))
-            if n_test >= len(pool):
-                raise DataError(
-                    f"{self.path}: {len(pool)} usable samples are too few to hold out a test set "
-                    f"(data.dataset.test_fraction {self.test_fraction}); give data.dataset.test_path"
-                )
-            held = set(order[:n_test])
-            test = [r for i, r in enumerate(pool) if i in held]
-            pool = [r for i, r in enumerate(pool) if i not in held]
+            pool, test = hold_out(pool, self.test_fraction, self.seed, str(self.path), "data.dataset.test_path")
         else:
             test = self._records(test_rows, test_bad)
         pool = self.checked(pool, "train", pool_bad)

@@ -14,7 +14,6 @@ are read and checked up front, with the same rules and ``on_bad_sample`` policy 
 from __future__ import annotations
 
 import io
-import random
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from fedilora.data.files import (
     OnBadSample,
     Record,
     decode_image,
+    hold_out,
     image_problem,
     text_problem,
 )
@@ -417,17 +417,7 @@ class HuggingFaceDataset(FileSource):
         pool_bad, test_bad = self.bad_samples("train"), self.bad_samples("test")
         pool = [r for split in self.train_splits for r in self._records(split, order.index(split), pool_bad)]
         if self.test_split is None:
-            shuffled = list(range(len(pool)))
-            random.Random(f"{self.seed}:holdout").shuffle(shuffled)
-            n_test = max(1, round(self.test_fraction * len(pool)))
-            if n_test >= len(pool):
-                raise ConfigError(
-                    f"{self.path}: {len(pool)} usable samples are too few to hold out a test set "
-                    f"(data.dataset.test_fraction {self.test_fraction}); give data.dataset.test_split"
-                )
-            held = set(shuffled[:n_test])
-            test = [r for i, r in enumerate(pool) if i in held]
-            pool = [r for i, r in enumerate(pool) if i not in held]
+            pool, test = hold_out(pool, self.test_fraction, self.seed, str(self.path), "data.dataset.test_split")
         else:
             test = self._records(self.test_split, order.index(self.test_split), test_bad)
         images = [_image_column(t, self.image_column) for t in splits.values()]
