@@ -73,7 +73,7 @@ def run_fit(args: list[str], env: dict[str, str]) -> None:
 
 def run_flower(variant: str, args: list[str], env: dict[str, str], work: Path, num_clients: int) -> None:
     with Federation(work / variant, simulation=variant.startswith("sim"), cwd=ROOT) as federation:
-        federation.env.update(env)
+        federation.env.update({k: env[k] for k in ("FEDILORA_FLOWER_THREADS", "OMP_NUM_THREADS")})
         if variant == "sim-rebuild":
             federation.env["FEDILORA_FLOWER_CACHE"] = "0"
         federation.start_superlink()
