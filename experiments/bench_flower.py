@@ -90,6 +90,13 @@ def run_flower(variant: str, args: list[str], env: dict[str, str], work: Path, n
         federation.run(ROOT / "flower-app", run_config, simulation, timeout=3600)
 
 
+def _trip(row: dict) -> str:
+    """The median client's round trip through Flower and the part of it spent working on its node."""
+    if row["trip_s"] is None:
+        return "-"
+    return f"{row['trip_s']:.2f} / {row['client_work_s']:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -117,11 +124,15 @@ def main() -> None:
             state = torch.load(ckpt, weights_only=True, map_location="cpu")
             times = [h["round/time_s"] for h in state["history"]]
             builds = [h.get("flower/client_builds", 0.0) for h in state["history"]]
+            trips = [h["flower/trip_s"] for h in state["history"][1:] if "flower/trip_s" in h]
+            work_s = [h["flower/client_work_s"] for h in state["history"][1:] if "flower/client_work_s" in h]
             rows[variant] = {
                 "first_round_s": times[0],
                 "later_rounds_s": times[1:],
                 "median_s": statistics.median(times[1:]),
                 "later_client_builds": sum(builds[1:]),
+                "trip_s": statistics.median(trips) if trips else None,
+                "client_work_s": statistics.median(work_s) if work_s else None,
                 "global_lora": state["global_lora"],
                 "wall_s": time.perf_counter() - started,
             }
@@ -133,8 +144,8 @@ def main() -> None:
     reference = rows["fit"]
     print(f"\nFlower round vs `fedilora fit` round ({'quick' if args.quick else 'demo scale'}, {args.rounds} rounds)")
     header = "variant | first round (s) | median later round (s) | ratio to fit | runtime builds, later rounds"
-    print(f"| {header} | same adapter as fit |")
-    print("|---|---|---|---|---|---|")
+    print(f"| {header} | client trip / work on the node (s) | same adapter as fit |")
+    print("|---|---|---|---|---|---|---|")
     payload = {"rounds": args.rounds, "target": TARGET, "variants": {}}
     for variant, row in rows.items():
         same = all(torch.equal(row["global_lora"][k], v) for k, v in reference["global_lora"].items())
@@ -142,7 +153,7 @@ def main() -> None:
         print(
             f"| {variant} | {row['first_round_s']:.1f} | {row['median_s']:.1f} | {ratio:.2f}"
             f"{'' if variant == 'fit' else (' (met)' if ratio <= TARGET else ' (NOT met)')} | "
-            f"{'-' if variant == 'fit' else int(row['later_client_builds'])} | {same} |"
+            f"{'-' if variant == 'fit' else int(row['later_client_builds'])} | {_trip(row)} | {same} |"
         )
         payload["variants"][variant] = {
             **{k: v for k, v in row.items() if k != "global_lora"},

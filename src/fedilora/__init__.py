@@ -1,5 +1,7 @@
 """fedilora: federated multimodal LoRA fine-tuning (FediLoRA, arXiv 2509.06984) and its baselines."""
 
-from fedilora import _compat  # noqa: F401  (must run before anything imports torchvision)
+from fedilora import _compat
+
+_compat.before_torchvision()  # must run before anything imports torchvision (see _compat)
 
 __version__ = "0.1.0"

@@ -4,26 +4,31 @@ The only torchvision release that pins torch 2.13.0 ships CUDA-linked C ops. Wit
 ``_C`` library fails to load, and ``import torchvision`` (hence lightning, torchmetrics, open_clip and
 peft) then dies registering fake kernels for ``torchvision::nms``/``qnms``, schemas that the library
 would have defined. Defining those two schemas first lets the import succeed; fedilora calls no
-torchvision C op. This module is imported by ``fedilora/__init__.py`` before anything else, so every
-process that imports fedilora (the CLI, DDP workers started by Fabric, spawned dataloader workers)
-gets it.
+torchvision C op. ``fedilora/__init__.py`` installs ``before_torchvision`` first, so every process that
+imports fedilora (the CLI, DDP workers started by Fabric, spawned dataloader workers) gets the schemas
+just before its first ``import torchvision``.
+
+The hook runs the fix lazily, at that import, rather than when fedilora is imported: importing torch
+costs ~1.5 s of CPU, and a Flower ClientApp process (started for every message on a deployed
+SuperNode) imports fedilora only to hand the message to its node's worker; it never needs torch.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
 
-import torch
-
-_LIBRARY: torch.library.Library | None = None  # kept alive: the schemas vanish when it is collected
+_LIBRARY = None  # the torch.library.Library, kept alive: the schemas vanish when it is collected
 
 
 def _torchvision_c_library_loads() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return True  # nothing to patch
+    import torch
+
     package_dir = Path(spec.origin).parent
     libraries = sorted(package_dir.glob("_C*.so")) + sorted(package_dir.glob("_C*.pyd"))
     if not libraries:
@@ -43,6 +48,8 @@ def register_torchvision_schemas() -> bool:
     global _LIBRARY
     if _LIBRARY is not None or "torchvision" in sys.modules or _torchvision_c_library_loads():
         return False
+    import torch
+
     library = torch.library.Library("torchvision", "DEF")
     library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
@@ -50,4 +57,26 @@ def register_torchvision_schemas() -> bool:
     return True
 
 
-register_torchvision_schemas()
+class _BeforeTorchvision(importlib.abc.MetaPathFinder):
+    """Defines the schemas when ``torchvision`` is first imported, then lets the import go on."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision":
+            uninstall()  # first: register_torchvision_schemas itself looks torchvision up
+            register_torchvision_schemas()
+        return None  # the regular finders import it
+
+
+_HOOK = _BeforeTorchvision()
+
+
+def before_torchvision() -> None:
+    """Install the hook (idempotent); with torchvision already imported it is too late, and not needed
+    if that import succeeded."""
+    if "torchvision" not in sys.modules and _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def uninstall() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)

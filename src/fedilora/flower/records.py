@@ -12,14 +12,15 @@ import dataclasses
 import importlib
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
-from torch import Tensor
 
-from fedilora.aggregation import ClientUpdate, State
+if TYPE_CHECKING:  # torch is imported where tensors are made: the ClientApp shim needs none of it
+    from torch import Tensor
+
+    from fedilora.aggregation import ClientUpdate, State
 
 
 def to_arrays(state: Mapping[str, Tensor]) -> ArrayRecord:
@@ -27,6 +28,8 @@ def to_arrays(state: Mapping[str, Tensor]) -> ArrayRecord:
 
 
 def from_arrays(record: ArrayRecord) -> State:
+    import torch
+
     # copies: the arrays of a received record are read-only views of its buffer
     return {k: torch.from_numpy(np.array(v.numpy(), copy=True)) for k, v in record.items()}
 
@@ -73,6 +76,8 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def update_from_record(content: RecordDict) -> ClientUpdate:
+    from fedilora.aggregation import ClientUpdate
+
     fields = content.config_records["update"]
     return ClientUpdate(
         client_id=int(fields["client-id"]),

@@ -17,6 +17,7 @@ run config ``ckpt-path``) and the results table are the inherited ones; only thr
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,11 +47,15 @@ class Inbox:
         self.grid = grid
         self.pending: dict[str, object] = {}  # message id -> key
         self.replies: dict[object, Message] = {}
+        self.sent: dict[object, float] = {}  # key -> when its message was pushed (time.monotonic)
+        self.arrived: dict[object, float] = {}  # key -> when its reply was pulled
 
     def send(self, messages: Mapping[object, Message]) -> None:
         keys = list(messages)
+        now = time.monotonic()
         for key, message_id in zip(keys, self.grid.push_messages([messages[k] for k in keys]), strict=True):
             self.pending[message_id] = key
+            self.sent[key] = now
 
     def wait(self, key: object, deadline: float) -> Message | None:
         """The reply for ``key``, or None if none came before ``deadline`` (``time.monotonic``)."""
@@ -60,6 +65,7 @@ class Inbox:
                     owner = self.pending.pop(reply.metadata.reply_to_message_id, None)
                     if owner is not None:
                         self.replies[owner] = reply
+                        self.arrived[owner] = time.monotonic()
             if key in self.replies or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
@@ -179,6 +185,9 @@ class FlowerTrainer(FederatedTrainer):
         process = reply.content.metric_records.get("process", {})
         self._builds["built"] += float(process.get("built", 0.0))
         self._builds["seconds"] += float(process.get("build-seconds", 0.0))
+        # where a round's time goes: the client's own work against the whole trip through Flower
+        self._builds["trips"].append(self._inbox.arrived[client] - self._inbox.sent[client])
+        self._builds["work"].append(float(process.get("handle-seconds", 0.0)))
         update = update_from_record(reply.content)
         if (update.client_id, update.rank) != (client, rank):
             raise ClientLost(f"answered as client {update.client_id} of rank {update.rank}")
@@ -186,11 +195,15 @@ class FlowerTrainer(FederatedTrainer):
 
     def _run_round(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, round_: int) -> dict[str, float]:
         """The inherited round, plus how many client runtimes its TRAIN messages had to build (a fresh
-        ClientApp process builds one; a kept runtime does not) and the seconds they took."""
-        self._builds = {"built": 0.0, "seconds": 0.0}
+        ClientApp process builds one; a kept runtime does not) and the seconds they took, and per client
+        the median of the trip (TRAIN pushed to reply pulled) and of the work on the node within it."""
+        self._builds = {"built": 0.0, "seconds": 0.0, "trips": [], "work": []}
         metrics = super()._run_round(model, datamodule, round_)
         metrics["flower/client_builds"] = self._builds["built"]
         metrics["flower/client_build_s"] = self._builds["seconds"]
+        if self._builds["trips"]:
+            metrics["flower/trip_s"] = statistics.median(self._builds["trips"])
+            metrics["flower/client_work_s"] = statistics.median(self._builds["work"])
         return metrics
 
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:
