@@ -157,10 +157,11 @@ def assert_nothing_in_the_clear(log: list[tuple[Message, Message]]) -> None:
             assert not arrays, (kind, list(arrays))
         if kind == "train":
             assert set(reply.content.config_records) <= {"update", "secagg", "refused"}
-            assert "update_norm" not in reply.content.metric_records["metrics"]
+            assert "update_norm" not in reply.content.metric_records.get("metrics", {})
     assert {"train", "train.mask"} <= kinds
 
 
+@pytest.mark.slow
 def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
     """(1) FediLoRA with secure aggregation, ranks 8/4/2, 2 rounds: the ClientApps mask, the server sums
     masked vectors only, and the global adapter, head and every comparable metric equal ``fedilora fit``'s
@@ -183,6 +184,7 @@ def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
         assert "private-key" not in context.state.config_records["fedilora-masking"]
 
 
+@pytest.mark.slow
 def test_masked_flower_round_with_dp_equals_fit_bit_for_bit(tmp_path):
     """(2) DP (adaptive clipping on the clients with the server's clip norm, noise at the server) and
     secure aggregation: the same global adapter, head, clip norms and epsilon as ``fedilora fit``."""
@@ -220,6 +222,7 @@ def _callbacks(*specs: tuple[str, int, int]) -> str:
     return f"--trainer.callbacks=[{', '.join(items)}]"
 
 
+@pytest.mark.slow
 def test_refused_and_lost_clients_are_left_out_without_retraining(tmp_path, capsys):
     """(4) Round 0: client 2's update is NaN; its node refuses to send it (the server never sees it) with
     the reason ``fedilora fit`` gives. Round 1: client 1's mask handler fails: the pass is redone between
@@ -239,7 +242,7 @@ def test_refused_and_lost_clients_are_left_out_without_retraining(tmp_path, caps
     out = capsys.readouterr().out
     assert "round 0: client 2 left out of the aggregation (non-finite values in" in out
     assert "round 1: client 1 left out of the aggregation (ClientLost: mask failed on its node" in out
-    sent = [(m.metadata.message_type, m.content.config_records["config"]["round"]) for m, _ in grid.log]
+    sent = [(m.metadata.message_type, m.content.config_records["config"].get("round")) for m, _ in grid.log]
     assert sent.count(("train", 1)) == 3  # training was not repeated
     assert sent.count(("train.keys", 1)) == 2 and sent.count(("train.mask", 1)) == 3 + 2
     assert sent.count(("train.mask", 0)) == 2  # the refused client takes no part in masking
