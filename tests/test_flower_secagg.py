@@ -23,14 +23,19 @@ from flwr.app import Context, Error, Message, RecordDict
 
 from fedilora.callbacks import FederatedCallback
 from fedilora.privacy.secagg import MaskingKey
-from test_flower import FailFrom  # noqa: F401  (`fedilora fit`'s lost client, by class path here)
+from test_flower import (
+    FailFrom,  # noqa: F401  (`fedilora fit`'s lost client, by class path here)
+    federation,  # noqa: F401  (the fixture: a loopback Flower federation, stopped after)
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECURE = "--trainer.secure_aggregation=fedilora.privacy.SecureAggregation"
-DP = (
-    '--trainer.privacy={"class_path": "fedilora.privacy.DifferentialPrivacy", "init_args": '
-    '{"clip_norm": 0.05, "noise_multiplier": 0.3, "adaptive_clipping": true}}'
-)
+DP = [
+    "--trainer.privacy=fedilora.privacy.DifferentialPrivacy",
+    "--trainer.privacy.init_args.clip_norm=0.05",
+    "--trainer.privacy.init_args.noise_multiplier=0.3",
+    "--trainer.privacy.init_args.adaptive_clipping=true",
+]
 OVERRIDES = [
     "--data.num_clients=3",
     "--trainer.clients_per_round=3",
@@ -188,7 +193,7 @@ def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
 def test_masked_flower_round_with_dp_equals_fit_bit_for_bit(tmp_path):
     """(2) DP (adaptive clipping on the clients with the server's clip norm, noise at the server) and
     secure aggregation: the same global adapter, head, clip norms and epsilon as ``fedilora fit``."""
-    overrides = [*OVERRIDES, SECURE, DP]
+    overrides = [*OVERRIDES, SECURE, *DP]
     fit = fit_reference(tmp_path, "fit", overrides)
     grid = LocalGrid(3)
     flower = flower_in_process(tmp_path, "flower", overrides, grid)
@@ -269,3 +274,23 @@ def test_a_key_masks_once():
         _masking("mask", {"config": config, "state": used}, 0)
     key = MaskingKey()
     assert MaskingKey(key.private).public == key.public
+
+
+@pytest.mark.slow
+def test_simulation_engine_with_dp_and_secure_aggregation_equals_fit(federation, tmp_path):  # noqa: F811
+    """The same as the DP test above on Flower's simulation engine (Ray workers, the node state kept by
+    the engine between messages): the global adapter, head and comparable metrics equal ``fedilora fit``'s
+    bit for bit, and the server's checkpoint holds no personalized model."""
+    overrides = [*OVERRIDES, SECURE, *DP]
+    fit = fit_reference(tmp_path, "fit", overrides)
+    federation.simulation = True
+    federation.start_superlink()
+    flower_overrides = [*overrides, f"--trainer.root_dir={tmp_path}", "--trainer.name=sim"]
+    run = {"config": "configs/demo.yaml", "overrides": " ".join(flower_overrides)}
+    federation.run(ROOT / "flower-app", run, "num-supernodes=3 client-resources-num-cpus=2", timeout=900)
+    simulation = tmp_path / "sim" / "version_0"
+    for rounds in (1, 2):
+        assert_same_globals(load(fit, rounds), load(simulation, rounds))
+    a, b = load(fit, 2), load(simulation, 2)
+    assert_same_history(a["history"], b["history"])
+    assert b["personal"] == {} and b["history"][-1]["personalized/num_clients"] == 3.0
