@@ -364,8 +364,11 @@ class LoRACLIPClassifier(L.LightningModule):
             metrics = {"auroc": BinaryAUROC(), "acc": BinaryAccuracy()}
         # MetricCollection sorts the keys of one dict alphabetically; adding one metric at a time keeps
         # this order (compute() follows it), so the headline stays first.
+        # compute_groups=False: torchmetrics would otherwise merge the metrics whose states are equal after
+        # the first batch it sees (e.g. top-5 accuracy and macro F1 on a tiny batch) and report one for
+        # the other from then on, so figures would depend on which data a model was evaluated on first.
         names = list(metrics)
-        collection = MetricCollection({names[0]: metrics[names[0]]})
+        collection = MetricCollection({names[0]: metrics[names[0]]}, compute_groups=False)
         for name in names[1:]:
             collection.add_metrics({name: metrics[name]})
         return collection.to(self.pixel_mean.device if self.backbone is not None else "cpu")

@@ -180,6 +180,8 @@ class RoundResult:
     base_delta: State = field(default_factory=dict)
     norm_ratio: float = math.nan  # largest update norm / the round's median (NaN: too few updates)
     privacy: dict[str, float] = field(default_factory=dict)  # epsilon, clip norm, secure aggregation cost
+    #: bytes the clients uploaded, where the updates are not what they uploaded (None: the updates' size)
+    uploaded: float | None = None
 
     def warnings(self, min_clients_per_round: int) -> list[str]:
         lines = [
@@ -200,7 +202,11 @@ class RoundResult:
         metrics.update(
             {
                 "train/loss": sum(u.train_loss for u in updates) / len(updates) if updates else math.nan,
-                "comm/bytes_uploaded": float(sum(u.nbytes() for u in updates)) if communicates else 0.0,
+                "comm/bytes_uploaded": (
+                    (float(sum(u.nbytes() for u in updates)) if self.uploaded is None else self.uploaded)
+                    if communicates
+                    else 0.0
+                ),
                 "comm/bytes_downloaded": float(downloaded) if communicates else 0.0,
                 "round/num_clients": float(len(updates)),
                 "round/rejected_updates": float(len(self.rejected)),
@@ -306,7 +312,7 @@ class FederatedServer:
         for update in updates:
             if update.client_id != POOLED:  # personalized states wait on the CPU, not in device memory
                 self.personal[update.client_id] = (update.rank, _cpu(update.lora), _cpu(update.extra))
-        skipped = len(updates) < self.min_clients_per_round
+        skipped = self.skips(len(updates))
         delta: State = {}
         privacy: dict[str, float] = {}
         aggregator = self.aggregator
@@ -321,6 +327,14 @@ class FederatedServer:
         rejected.sort(key=lambda r: order.get(r[0], len(order)))
         return RoundResult(round, updates, rejected, skipped, delta, ratio, privacy)
 
+    def skips(self, accepted: int) -> bool:
+        """Whether a round with ``accepted`` updates is skipped (fewer than ``min_clients_per_round``)."""
+        return accepted < self.min_clients_per_round
+
+    def masking_context(self, round: int) -> bytes:
+        """What binds the masks of secure aggregation to this run and round (each pass appends its number)."""
+        return f"seed-{self.seed}/round-{round}".encode()
+
     def _private_aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> tuple[State, State, dict[str, float]]:
         """Each update becomes its client's contribution to the sums (clipped under privacy), the sums are
         taken (from masked vectors under secure aggregation) and released (noised under privacy)."""
@@ -329,14 +343,46 @@ class FederatedServer:
             for u in updates
         }
         if self.secure_aggregation is not None:
-            totals, cost = self.secure_aggregation.sum(contributions, f"seed-{self.seed}/round-{round}".encode())
+            totals, cost = self.secure_aggregation.sum(contributions, self.masking_context(round))
         else:
             totals, cost = add_contributions(list(contributions.values())), {}
-        noise = torch.Generator().manual_seed(client_seed(self.seed, round, NOISE_STREAM))
-        lora, extra, metrics = release(
-            self.aggregator, self.global_lora, self.global_extra, totals, self.privacy, noise
-        )
+        lora, extra, metrics = self._release(round, totals)
         return lora, extra, {**metrics, **cost}
+
+    def _release(self, round: int, totals: Mapping[str, Tensor]) -> tuple[State, State, dict[str, float]]:
+        noise = torch.Generator().manual_seed(client_seed(self.seed, round, NOISE_STREAM))
+        return release(self.aggregator, self.global_lora, self.global_extra, totals, self.privacy, noise)
+
+    def aggregate_sums(
+        self,
+        round: int,
+        updates: Sequence[ClientUpdate],
+        rejected: Sequence[tuple[int, str]],
+        totals: Mapping[str, Tensor] | None,
+        cost: Mapping[str, float],
+    ) -> RoundResult:
+        """The round step of a server that gets only the sum of the clients' contributions (secure
+        aggregation with the clients on other nodes): ``updates`` are the summed clients' reports without
+        tensors (client id, rank, samples, loss, metrics, info), ``totals`` their summed contributions,
+        unmasked (None: too few clients, the round is skipped).
+
+        What needs single updates does not run: the norm rules (``update_norm_factor``; the clients
+        check ``max_update_norm`` and finiteness themselves) and the personalized states, which stay on
+        the clients. The release is ``aggregate``'s: same sums, same noise.
+        """
+        updates, rejected = list(updates), list(rejected)
+        skipped = totals is None or self.skips(len(updates))
+        privacy: dict[str, float] = dict(cost)
+        if not skipped:
+            counted = int(totals["count"].item())
+            if counted != len(updates):
+                raise ValueError(f"the summed contributions count {counted} clients, not {len(updates)}")
+            self.global_lora, self.global_extra, metrics = self._release(round, totals)
+            privacy = {**metrics, **privacy}
+        order = {client: i for i, (client, _) in enumerate(self.plan(round))}
+        rejected.sort(key=lambda r: order.get(r[0], len(order)))
+        uploaded = float(cost.get("secagg/bytes_uploaded", 0.0))
+        return RoundResult(round, updates, rejected, skipped, privacy=privacy, uploaded=uploaded)
 
     # --------------------------------------------------------------------------------- evaluation
     def global_models(self) -> list[Personal]:

@@ -1,8 +1,9 @@
 """What a Flower client does with one message, on plain data (no Flower types): shared by the ClientApp
 process and by the node's keep-alive worker (``fedilora.flower.worker``).
 
-A request is ``{"kind": "query" | "train" | "evaluate", "config": {...}, "node_config": {...},
-"arrays": {"lora": {name: ndarray}, "extra": ..., "base": ...}}``; a reply is ``{"config": {record:
+A request is ``{"kind": "query" | "train" | "evaluate" | "keys" | "mask", "config": {...}, "node_config":
+{...}, "arrays": {"lora": {name: ndarray}, "extra": ..., "base": ...}, "state": {"config": {record: {...}},
+"arrays": {record: {name: ndarray}}}}``; a reply is ``{"config": {record:
 {...}}, "metrics": {record: {...}}, "arrays": {record: {name: ndarray}}}``, the records of the reply
 message. Every request carries the resolved fedilora config; the node config says which client this
 node is (``partition-id``) and may set its rank (``rank``; default ``trainer.ranks`` of the config).
@@ -11,6 +12,23 @@ node is (``partition-id``) and may set its rank (``rank``; default ``trainer.ran
 - train: ``fedilora.client.fit_client`` from the payload, with the config's callbacks (e.g.
   ``ModelEditing``); a data error goes back as ``fatal`` (the server stops the run, as ``fedilora fit`` does);
 - evaluate: the personalized model sent by the server, on this client's test split.
+
+Under secure aggregation (the server sets ``secure-aggregation`` in the message config) no update leaves
+the node in the clear:
+
+- train: after ``fit_client`` the client checks its update (``check_update``: finite, within
+  ``max_update_norm``; a failing update is refused here and the server leaves the client out), computes
+  its contribution to the round's sums itself (``client_contribution``: under DP clipped with the clip
+  norm the server sends), keeps it with its personalized model and a fresh X25519 key pair, and replies
+  its report (client id, rank, samples, loss, metrics, info) and the public key only;
+- keys: a fresh key pair for the kept contribution (a masking pass redone among the survivors);
+- mask: the kept contribution masked against the other participants' public keys (``secagg.mask``):
+  one int64 vector. The private key is deleted after one use: a key never masks twice;
+- evaluate (``kept``): the personalized model this client kept.
+
+What the client keeps between messages is the request's ``state`` (records of the ClientApp's
+``Context.state``, which the SuperNode holds for the run); a reply's ``state`` replaces the records it
+names (None deletes one).
 """
 
 from __future__ import annotations
@@ -32,7 +50,9 @@ from fedilora.evaluation import evaluate_state
 from fedilora.flower.config import Parsed, parse, set_threads
 from fedilora.flower.records import info_to_json
 from fedilora.model import State
-from fedilora.server import client_ranks
+from fedilora.privacy.rounds import client_contribution
+from fedilora.privacy.secagg import MaskingKey, mask
+from fedilora.server import check_update, client_ranks
 
 Request = dict[str, Any]
 Reply = dict[str, Any]
@@ -184,7 +204,16 @@ def _handle(request: Request) -> Reply:
         return {"config": {"client": answer}}
     if client != int(config["client-id"]):
         raise RuntimeError(f"this node is client {client}, the message is for client {config['client-id']}")
-    arrays = {name: _tensors(request["arrays"][name]) for name in ("lora", "extra", "base")}
+    if kind in ("keys", "mask"):
+        return _masking(kind, request, client)
+    arrays = {name: _tensors(request["arrays"].get(name, {})) for name in ("lora", "extra", "base")}
+    if kind == "evaluate" and config.get("kept", False):  # secure aggregation: the model this client kept
+        kept = request.get("state", {}).get("config", {}).get(PERSONAL)
+        if kept is None:  # e.g. a node restarted since it trained: nothing to evaluate
+            return {"config": {"evaluation": {"evaluated": False}}}
+        saved = request["state"]["arrays"]
+        config = {**config, "rank": int(kept["rank"])}
+        arrays["lora"], arrays["extra"] = _tensors(saved[PERSONAL_LORA]), _tensors(saved[PERSONAL_EXTRA])
     if kind == "evaluate":
         rank = int(config["rank"])  # the personalized model's rank (this client's, as it trained)
         try:
@@ -222,18 +251,95 @@ def _handle(request: Request) -> Reply:
         )
     except ConfigError as err:
         return {"config": {"fatal": {"error": str(err)}}}
+    if config.get("secure-aggregation", False):
+        return _masked_train(runtime, config, arrays, update)
     return {
         "arrays": {"lora": _numpy(update.lora), "extra": _numpy(update.extra)},
-        "config": {
-            "update": {
-                "client-id": update.client_id,
-                "rank": update.rank,
-                "num-samples": update.num_samples,
-                "train-loss": float(update.train_loss),
-                "info": info_to_json(update.info),
-            }
-        },
+        "config": {"update": _report(update)},
         "metrics": {
             "metrics": {k: float(v) for k, v in update.metrics.items()},
         },
+    }
+
+
+def _report(update) -> dict[str, Any]:
+    return {
+        "client-id": update.client_id,
+        "rank": update.rank,
+        "num-samples": update.num_samples,
+        "train-loss": float(update.train_loss),
+        "info": info_to_json(update.info),
+    }
+
+
+# ------------------------------------------------------------------------- secure aggregation (client)
+PERSONAL, PERSONAL_LORA, PERSONAL_EXTRA = "fedilora-personal", "fedilora-personal-lora", "fedilora-personal-extra"
+MASKING, CONTRIBUTION = "fedilora-masking", "fedilora-contribution"
+
+
+def _masked_train(runtime: ClientRuntime, config: Mapping[str, Any], arrays: dict[str, State], update) -> Reply:
+    """Check the update, compute and keep the contribution and the personalized model; reply the report
+    and a public key, no tensor."""
+    trainer = runtime.parsed.trainer
+    update.lora = {k: v.detach().cpu() for k, v in update.lora.items()}
+    update.extra = {k: v.detach().cpu() for k, v in update.extra.items()}
+    forget = {MASKING: None, CONTRIBUTION: None}  # whatever an earlier round left
+    problem = check_update(update, arrays["lora"], arrays["extra"], trainer.max_update_norm)
+    update.metrics.pop("update_norm", None)  # a property of this one update: it stays here
+    if problem is not None:
+        return {"config": {"refused": {"reason": problem}}, "state": {"config": forget, "arrays": forget}}
+    privacy = trainer.privacy
+    if privacy is not None:  # the clip norm is the server's (adaptive clipping moves it between rounds)
+        privacy.clip_norm = float(config["clip-norm"])
+    contribution = client_contribution(
+        trainer.aggregator, arrays["lora"], arrays["extra"], int(config["global-rank"]), update, privacy
+    )
+    key = MaskingKey()
+    state = {
+        "config": {
+            MASKING: {"round": int(config["round"]), "private-key": key.private},
+            PERSONAL: {"rank": update.rank, "round": int(config["round"])},
+        },
+        "arrays": {
+            CONTRIBUTION: _numpy(contribution),
+            PERSONAL_LORA: _numpy(update.lora),
+            PERSONAL_EXTRA: _numpy(update.extra),
+        },
+    }
+    return {
+        "config": {"update": _report(update), "secagg": {"public-key": key.public}},
+        "metrics": {"metrics": {k: float(v) for k, v in update.metrics.items()}},
+        "state": state,
+    }
+
+
+def _masking(kind: str, request: Request, client: int) -> Reply:
+    """A fresh key pair (``keys``), or the kept contribution masked with the kept key (``mask``)."""
+    config, state = request["config"], request.get("state", {})
+    masking = state.get("config", {}).get(MASKING)
+    round_ = int(config["round"])
+    if masking is None or int(masking["round"]) != round_ or CONTRIBUTION not in state.get("arrays", {}):
+        raise RuntimeError(f"client {client} holds no contribution of round {round_} to mask")
+    if kind == "keys":
+        key = MaskingKey()
+        masking = {"round": round_, "private-key": key.private}
+        return {"config": {"secagg": {"public-key": key.public}}, "state": {"config": {MASKING: masking}}}
+    if "private-key" not in masking:
+        raise RuntimeError(f"client {client}: its key of round {round_} has masked once already; a pass needs new keys")
+    peers = dict(zip(config["peers"], config["public-keys"], strict=True))
+    if client not in peers:
+        raise RuntimeError(f"client {client} is not among the participants {sorted(peers)} it is asked to mask with")
+    contribution = _tensors(state["arrays"][CONTRIBUTION])
+    masked = mask(
+        contribution,
+        client,
+        MaskingKey(bytes(masking["private-key"])),
+        peers,
+        bytes(config["context"]),
+        int(config["fraction-bits"]),
+    )
+    used = {"round": round_}  # the private key is gone: a second mask with it would reveal mask differences
+    return {
+        "arrays": {"masked": {"vector": masked.numpy()}},
+        "state": {"config": {MASKING: used}},
     }

@@ -76,6 +76,14 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def update_from_record(content: RecordDict) -> ClientUpdate:
+    update = report_from_record(content)
+    update.lora = from_arrays(content.array_records["lora"])
+    update.extra = from_arrays(content.array_records["extra"])
+    return update
+
+
+def report_from_record(content: RecordDict) -> ClientUpdate:
+    """A client's report without tensors (secure aggregation: its update stays on its node)."""
     from fedilora.aggregation import ClientUpdate
 
     fields = content.config_records["update"]
@@ -83,8 +91,8 @@ def update_from_record(content: RecordDict) -> ClientUpdate:
         client_id=int(fields["client-id"]),
         rank=int(fields["rank"]),
         num_samples=int(fields["num-samples"]),
-        lora=from_arrays(content.array_records["lora"]),
-        extra=from_arrays(content.array_records["extra"]),
+        lora={},
+        extra={},
         train_loss=float(fields["train-loss"]),
         metrics={k: float(v) for k, v in content.metric_records["metrics"].items()},
         info=info_from_json(str(fields["info"])),

@@ -13,6 +13,16 @@ run config ``ckpt-path``) and the results table are the inherited ones; only thr
   ``round-timeout`` is left out of the round like a failing client of ``fedilora fit``.
 - ``evaluate``: the global model on the server's global test set (as in ``fedilora fit``); every
   personalized model on its own client's test split through an EVALUATE message.
+
+With ``trainer.secure_aggregation`` the server never sees an update (``_masked_round``): TRAIN replies
+carry each client's report and a public key only; a second message per pass (``train.mask``) relays the
+participants' public keys and returns each client's masked contribution, which the server adds
+(``unmask_sum``) and releases (``FederatedServer.aggregate_sums``: the simulator's ``release``, with the
+server's noise under DP). A client lost after TRAIN or during a pass is left out and the pass is redone
+among the others with fresh keys (``train.keys``); training is not repeated. The personalized models
+stay on the clients (EVALUATE asks each to evaluate the one it kept), so the server's checkpoint has
+none; the norm rule over the round (``update_norm_factor``) cannot run on masked vectors: clipping on
+the client (DP) is the defence, and each client checks finiteness and ``max_update_norm`` itself.
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -30,9 +42,10 @@ from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.evaluation import evaluate_global, personalized_summary
 from fedilora.flower.config import parse, resolve_path, set_threads
-from fedilora.flower.records import to_arrays, update_from_record
+from fedilora.flower.records import report_from_record, to_arrays, update_from_record
 from fedilora.model import LoRACLIPClassifier, State
-from fedilora.server import Personal, strategy_name
+from fedilora.privacy.rounds import layout
+from fedilora.server import Personal, RoundResult, strategy_name
 from fedilora.trainer import FederatedTrainer
 
 
@@ -71,6 +84,13 @@ class Inbox:
             time.sleep(0.05)
         return self.replies.pop(key, None)
 
+    def forget(self, keys: object) -> None:
+        """Drop what is pending or arrived for ``keys`` (a late reply to a finished pass is never read)."""
+        keys = set(keys)
+        self.pending = {m: k for m, k in self.pending.items() if k not in keys}
+        for key in keys:
+            self.replies.pop(key, None)
+
 
 def _reason(reply: Message | None, what: str, timeout: float) -> str | None:
     if reply is None:
@@ -94,6 +114,7 @@ class FlowerTrainer(FederatedTrainer):
             )
         self.grid, self.round_timeout = grid, round_timeout
         self._inbox, self._round_sent = Inbox(grid), None
+        self._kept: dict[int, int] = {}  # secure aggregation: client -> rank of the personalized model it keeps
         deadline = time.monotonic() + node_timeout
         nodes = sorted(grid.get_node_ids())
         while len(nodes) < num_clients:
@@ -151,10 +172,15 @@ class FlowerTrainer(FederatedTrainer):
         lora: State,
         extra: State,
     ) -> Message:
-        config = ConfigRecord({"fedilora-config": self.config_yaml, "round": round_, "client-id": client, "rank": rank})
-        content = RecordDict(
-            {"lora": to_arrays(lora), "extra": to_arrays(extra), "base": self._base(model), "config": config}
-        )
+        config = {"fedilora-config": self.config_yaml, "round": round_, "client-id": client, "rank": rank}
+        if self.secure_aggregation is not None:
+            config.update({"secure-aggregation": True, "global-rank": self.server.global_rank})
+            if self.privacy is not None:
+                config["clip-norm"] = float(self.privacy.clip_norm)
+            if kind == MessageType.EVALUATE:
+                config["kept"] = True  # the client evaluates the personalized model it kept
+        arrays = {"lora": to_arrays(lora), "extra": to_arrays(extra), "base": self._base(model)}
+        content = RecordDict({**arrays, "config": ConfigRecord(config)})
         return Message(content, dst_node_id=self._nodes[client], message_type=kind, group_id=str(round_))
 
     # ------------------------------------------------------------------------ the engine's steps
@@ -182,12 +208,7 @@ class FlowerTrainer(FederatedTrainer):
         fatal = reply.content.config_records.get("fatal")
         if fatal is not None:  # a data error on the client stops the run, as in `fedilora fit`
             raise ConfigError(f"client {client}: {fatal['error']}")
-        process = reply.content.metric_records.get("process", {})
-        self._builds["built"] += float(process.get("built", 0.0))
-        self._builds["seconds"] += float(process.get("build-seconds", 0.0))
-        # where a round's time goes: the client's own work against the whole trip through Flower
-        self._builds["trips"].append(self._inbox.arrived[client] - self._inbox.sent[client])
-        self._builds["work"].append(float(process.get("handle-seconds", 0.0)))
+        self._count_build(reply.content, client)
         update = update_from_record(reply.content)
         if (update.client_id, update.rank) != (client, rank):
             raise ClientLost(f"answered as client {update.client_id} of rank {update.rank}")
@@ -198,7 +219,10 @@ class FlowerTrainer(FederatedTrainer):
         ClientApp process builds one; a kept runtime does not) and the seconds they took, and per client
         the median of the trip (TRAIN pushed to reply pulled) and of the work on the node within it."""
         self._builds = {"built": 0.0, "seconds": 0.0, "trips": [], "work": []}
-        metrics = super()._run_round(model, datamodule, round_)
+        if self.secure_aggregation is None:
+            metrics = super()._run_round(model, datamodule, round_)
+        else:
+            metrics = self._masked_round(model, round_)
         metrics["flower/client_builds"] = self._builds["built"]
         metrics["flower/client_build_s"] = self._builds["seconds"]
         if self._builds["trips"]:
@@ -206,9 +230,115 @@ class FlowerTrainer(FederatedTrainer):
             metrics["flower/client_work_s"] = statistics.median(self._builds["work"])
         return metrics
 
+    # -------------------------------------------------------------------------- secure aggregation
+    def _masked_round(self, model: LoRACLIPClassifier, round_: int) -> dict[str, float]:
+        """``FederatedTrainer._run_round`` where the server sees no update: TRAIN returns reports and
+        public keys, masking passes return masked contributions, ``aggregate_sums`` releases their sum."""
+        server, started = self.server, time.perf_counter()
+        self._call("on_round_start", round=round_)
+        plan, messages, downloaded = server.plan(round_), {}, 0
+        for client, rank in plan:
+            lora, extra = server.payload(client, rank)
+            downloaded += server.download_nbytes(lora, extra)
+            messages[client] = self._message(MessageType.TRAIN, model, round_, client, rank, lora, extra)
+        self._inbox.send(messages)
+        deadline = time.monotonic() + self.round_timeout
+        updates, failures, keys = [], [], {}
+        for client, rank in plan:
+            reply = self._inbox.wait(client, deadline)
+            problem = _reason(reply, "train", self.round_timeout)
+            if problem is None:
+                content = reply.content
+                if "fatal" in content.config_records:  # a data error on the client stops the run
+                    raise ConfigError(f"client {client}: {content.config_records['fatal']['error']}")
+                self._count_build(content, client)
+                if "refused" in content.config_records:  # the client's own check_update, as in `fedilora fit`
+                    failures.append((client, str(content.config_records["refused"]["reason"])))
+                    continue
+                update = report_from_record(content)
+                if (update.client_id, update.rank) != (client, rank):
+                    problem = f"answered as client {update.client_id} of rank {update.rank}"
+            if problem is not None:  # worded as `fedilora fit` words a client that raised
+                failures.append((client, f"{ClientLost.__name__}: {problem}"))
+                continue
+            updates.append(update)
+            keys[client] = bytes(content.config_records["secagg"]["public-key"])
+            self._kept[client] = rank  # its personalized model, kept on its node
+        totals, cost, lost = None, {}, []
+        if not server.skips(len(updates)):
+            totals, cost, lost = self._masked_sum(round_, keys)
+            failures += lost
+            gone = {client for client, _ in lost}
+            updates = [u for u in updates if u.client_id not in gone]
+        result: RoundResult = server.aggregate_sums(round_, updates, failures, totals, cost)
+        for line in result.warnings(self.min_clients_per_round):
+            self.fabric.print(line)
+        self._call("on_aggregate_end", round=round_, global_lora=server.global_lora, updates=result.updates)
+        return result.metrics(self.aggregator.communicates, downloaded, time.perf_counter() - started)
+
+    def _masked_sum(
+        self, round_: int, keys: dict[int, bytes]
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, float], list[tuple[int, str]]]:
+        """The masking passes (``SecureAggregation.run``) over Flower messages: the summed contributions
+        (None: too few clients left), the cost, and the clients lost on the way with the reason."""
+        secure, server, lost = self.secure_aggregation, self.server, []
+        config = {"fedilora-config": self.config_yaml, "round": round_, "fraction-bits": secure.fraction_bits}
+
+        def send(kind: str, number: int, clients: list[int], extra: dict) -> dict[int, Message]:
+            messages = {
+                (kind, number, c): Message(
+                    RecordDict({"config": ConfigRecord({**config, **extra, "client-id": c})}),
+                    dst_node_id=self._nodes[c],
+                    message_type=f"{MessageType.TRAIN}.{kind}",
+                    group_id=str(round_),
+                )
+                for c in clients
+            }
+            self._inbox.send(messages)
+            deadline, replies = time.monotonic() + self.round_timeout, {}
+            for c in clients:
+                reply = self._inbox.wait((kind, number, c), deadline)
+                problem = _reason(reply, kind, self.round_timeout)
+                if problem is None:
+                    replies[c] = reply
+                else:
+                    lost.append((c, f"{ClientLost.__name__}: {problem} (masking pass {number})"))
+            self._inbox.forget(messages)  # a late reply to this pass is never read
+            return replies
+
+        def one_pass(participants: list[int], number: int, context: bytes) -> dict[int, torch.Tensor]:
+            publics = keys
+            if number > 1:  # fresh keys: a key masks once
+                replies = send("keys", number, participants, {})
+                publics = {c: bytes(r.content.config_records["secagg"]["public-key"]) for c, r in replies.items()}
+            present = [c for c in participants if c in publics]
+            peers = {"peers": present, "public-keys": [publics[c] for c in present], "context": context}
+            replies = send("mask", number, present, peers)
+            return {
+                c: torch.from_numpy(np.array(r.content.array_records["masked"]["vector"].numpy(), copy=True))
+                for c, r in replies.items()
+            }
+
+        masked, _, cost = secure.run(
+            sorted(keys), server.masking_context(round_), one_pass, min_participants=self.min_clients_per_round
+        )
+        if masked is None:
+            return None, cost, lost
+        return secure.unmask(masked, layout(server.global_lora, server.global_extra)), cost, lost
+
+    def _count_build(self, content: RecordDict, client: int) -> None:
+        process = content.metric_records.get("process", {})
+        self._builds["built"] += float(process.get("built", 0.0))
+        self._builds["seconds"] += float(process.get("build-seconds", 0.0))
+        # where a round's time goes: the client's own work against the whole trip through Flower
+        self._builds["trips"].append(self._inbox.arrived[client] - self._inbox.sent[client])
+        self._builds["work"].append(float(process.get("handle-seconds", 0.0)))
+
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:
         metrics = evaluate_global(model, self.fabric, datamodule, self.server.global_models())
         personal: dict[int, Personal] = self.server.personalized_models(datamodule.num_clients)
+        if self.secure_aggregation is not None:  # the personalized models are on the clients
+            personal = {client: (rank, {}, {}) for client, rank in sorted(self._kept.items())}
         messages = {
             client: self._message(MessageType.EVALUATE, model, -1, client, rank, lora, extra)
             for client, (rank, lora, extra) in personal.items()

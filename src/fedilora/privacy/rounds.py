@@ -2,9 +2,10 @@
 
 Both act on what a client adds to the server's streaming sums (:class:`fedilora.aggregation.WeightedSums`):
 per-tensor sums in the global shapes and a per-rank-dimension weight vector. ``contribution`` is the
-client's side (in the simulator it runs on the server's process, in the order a client would run it),
-``release`` the server's: it turns the summed contributions — plain, or unmasked by secure
-aggregation — into the next global adapter and head.
+client's side (in the simulator it runs on the server's process, in the order a client would run it; a
+Flower client runs it on its own node through ``client_contribution``), ``release`` the server's: it
+turns the summed contributions — plain, or unmasked by secure aggregation — into the next global
+adapter and head.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedilora.aggregation import Aggregator, ClientUpdate, DimensionAccumulator, State, WeightedSums
+from fedilora.aggregation import Aggregator, ClientUpdate, DimensionAccumulator, State, WeightedSums, rank_axis
 from fedilora.privacy.dp import DifferentialPrivacy, delta
+from fedilora.privacy.secagg import flatten
 
 Contribution = dict[str, Tensor]
 
@@ -46,15 +48,64 @@ def contribution(
             raise TypeError(f"{type(aggregator).__name__} has no per-dimension sums to mask")
         acc.add(update)
         lora, extra = acc.lora, acc.extra
+    return _pack(lora, extra, unclipped, 1.0, float(update.num_samples))
+
+
+def _pack(lora: WeightedSums, extra: WeightedSums, unclipped: float, count: float, num_samples: float) -> Contribution:
     return {
         **{f"lora/{k}": v for k, v in lora.sums.items()},
         "lora_weight": lora.weight,
         **{f"extra/{k}": v for k, v in extra.sums.items()},
         "extra_weight": extra.weight,
         "unclipped": torch.tensor([unclipped], dtype=torch.float64),
-        "count": torch.ones(1, dtype=torch.float64),
-        "num_samples": torch.tensor([float(update.num_samples)], dtype=torch.float64),
+        "count": torch.tensor([count], dtype=torch.float64),
+        "num_samples": torch.tensor([num_samples], dtype=torch.float64),
     }
+
+
+def layout(global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor]) -> list[tuple[str, torch.Size]]:
+    """The layout of a flattened contribution (``secagg.flatten``): what a server that receives only
+    masked vectors needs to unflatten their sum."""
+    zero = _pack(WeightedSums.zeros(global_lora), WeightedSums.zeros(global_extra, ranked=False), 0.0, 0.0, 0.0)
+    return flatten(zero)[1]
+
+
+def pad_rank(lora: Mapping[str, Tensor], rank: int) -> State:
+    """``lora`` zero-padded along every tensor's rank axis to ``rank`` (a payload in the global shapes)."""
+    out = {}
+    for key, value in lora.items():
+        axis = rank_axis(key)
+        shape = list(value.shape)
+        if shape[axis] > rank:
+            raise ValueError(f"{key}: rank {shape[axis]} is above the global rank {rank}")
+        shape[axis] = rank
+        padded = value.new_zeros(shape)
+        padded.narrow(axis, 0, value.shape[axis]).copy_(value)
+        out[key] = padded
+    return out
+
+
+def client_contribution(
+    aggregator: Aggregator,
+    received_lora: Mapping[str, Tensor],
+    received_extra: Mapping[str, Tensor],
+    global_rank: int,
+    update: ClientUpdate,
+    privacy: DifferentialPrivacy | None,
+) -> Contribution:
+    """``contribution`` computed by the client itself, which has only what it received: the global
+    adapter is rebuilt by zero-padding the payload to ``global_rank``. Sound because the contribution
+    needs of the global adapter only its shapes and what the client received, and the broadcast of the
+    rebuilt adapter is checked to be exactly the payload (true of truncation; an aggregator with
+    another broadcast, e.g. FlexLoRA's SVD, is refused)."""
+    reference = pad_rank(received_lora, global_rank)
+    again = aggregator.broadcast(reference, update.rank)
+    if again.keys() != received_lora.keys() or not all(torch.equal(again[k], received_lora[k]) for k in again):
+        raise ValueError(
+            f"{type(aggregator).__name__}: its broadcast is not a truncation, so a client cannot rebuild the "
+            "global adapter from its payload"
+        )
+    return contribution(aggregator, reference, received_extra, update, privacy)
 
 
 def add_contributions(contributions: list[Contribution]) -> Contribution:

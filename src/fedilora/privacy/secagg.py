@@ -19,7 +19,7 @@ Protocol of one round (honest-but-curious server that relays public keys, as in 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -54,10 +54,17 @@ def add_mod(a: Tensor, b: Tensor) -> Tensor:
 
 
 class MaskingKey:
-    """One client's X25519 key pair for one round."""
+    """One client's X25519 key pair for one masking pass (a fresh pair for every pass: a key masks once)."""
 
-    def __init__(self) -> None:
-        self._private = X25519PrivateKey.generate()
+    def __init__(self, private: bytes | None = None) -> None:
+        self._private = X25519PrivateKey.generate() if private is None else X25519PrivateKey.from_private_bytes(private)
+
+    @property
+    def private(self) -> bytes:
+        """The raw private key, for a client that keeps it between messages (it never leaves the client)."""
+        return self._private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
 
     @property
     def public(self) -> bytes:
@@ -166,29 +173,56 @@ class SecureAggregation:
         self, contributions: Mapping[int, Mapping[str, Tensor]], context: bytes, dropped: Sequence[int] = ()
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """The sum of ``contributions`` (client id -> tensors) computed from masked vectors only, and the
-        protocol's cost: bytes the clients uploaded (masked vectors and public keys) and passes."""
-        participants = sorted(contributions)
-        _, layout = flatten(contributions[participants[0]])
-        uploaded, passes = 0, 0
-        while True:
-            passes += 1
+        protocol's cost: bytes the clients uploaded (masked vectors and public keys) and passes.
+
+        The clients live in this process (the simulator): each pass draws their keys and masks here.
+        ``dropped`` clients send nothing in the first pass."""
+        _, layout = flatten(next(iter(contributions.values())))
+
+        def one_pass(participants: list[int], number: int, pass_context: bytes) -> dict[int, Tensor]:
             keys = {c: MaskingKey() for c in participants}
             publics = {c: k.public for c, k in keys.items()}
-            pass_context = context + f"/pass-{passes}".encode()
-            masked = {
+            return {
                 c: self._mask(contributions[c], c, keys[c], publics, pass_context)
                 for c in participants
-                if c not in dropped
+                if number > 1 or c not in dropped
             }
+
+        masked, _, cost = self.run(sorted(contributions), context, one_pass)
+        return self.unmask(masked, layout), cost
+
+    def run(
+        self,
+        participants: Sequence[int],
+        context: bytes,
+        one_pass: Callable[[list[int], int, bytes], Mapping[int, Tensor]],
+        min_participants: int = 1,
+    ) -> tuple[list[Tensor] | None, list[int], dict[str, float]]:
+        """The masking passes of one round, whatever carries them (this process, or Flower messages).
+
+        ``one_pass(participants, number, pass_context)`` has every participant mask with a fresh key
+        pair and returns the masked vectors that arrived. A participant missing from them is dropped,
+        and the pass is redone among the others (their training is not repeated); with fewer than
+        ``min_participants`` left nothing is summed. Returns the complete pass's masked vectors (None:
+        too few participants), the dropped clients, and the cost (bytes uploaded: masked vectors and
+        public keys; passes).
+        """
+        participants, dropped, uploaded, passes = sorted(participants), [], 0, 0
+        masked: Mapping[int, Tensor] | None = None
+        while len(participants) >= max(1, min_participants):
+            passes += 1
+            masked = one_pass(participants, passes, context + f"/pass-{passes}".encode())
             uploaded += sum(32 + 8 * m.numel() for m in masked.values())
-            if len(masked) == len(participants):
+            missing = [c for c in participants if c not in masked]
+            if not missing:
                 break
-            participants = sorted(masked)  # redo the masking among the survivors
-            dropped = ()
-        return unmask_sum(list(masked.values()), layout, self.fraction_bits), {
-            "secagg/bytes_uploaded": float(uploaded),
-            "secagg/passes": float(passes),
-        }
+            dropped += missing
+            participants, masked = [c for c in participants if c in masked], None  # redo among the survivors
+        cost = {"secagg/bytes_uploaded": float(uploaded), "secagg/passes": float(passes)}
+        return (None if masked is None else [masked[c] for c in participants]), dropped, cost
+
+    def unmask(self, masked: Sequence[Tensor], layout: Sequence[tuple[str, torch.Size]]) -> dict[str, Tensor]:
+        return unmask_sum(masked, layout, self.fraction_bits)
 
     def _mask(self, contribution, client_id, key, publics, context) -> Tensor:
         return mask(contribution, client_id, key, publics, context, self.fraction_bits)
