@@ -31,6 +31,7 @@ import pstats
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -56,9 +57,11 @@ class RoundTimer(FederatedCallback):
 
     def on_round_start(self, trainer, round) -> None:
         if self.start is None:
+            _sync()
             self.start = time.perf_counter()
 
     def on_aggregate_end(self, trainer, round, global_lora) -> None:
+        _sync()
         self.end = time.perf_counter()
 
     @property
@@ -66,17 +69,38 @@ class RoundTimer(FederatedCallback):
         return self.end - self.start
 
 
-def new_model() -> LoRACLIPClassifier:
+def _sync() -> None:
+    """Wait for queued GPU work, so that a time taken next includes it (nothing to wait for on a CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def new_model(**kwargs) -> LoRACLIPClassifier:
     torch.manual_seed(0)
-    return LoRACLIPClassifier(num_classes=12, lr=2e-3)
+    return LoRACLIPClassifier(**{"num_classes": 12, "lr": 2e-3, **kwargs})
 
 
-def run_federated(dm: FederatedDataModule, cfg: dict, root: str, profile: cProfile.Profile | None = None) -> dict:
+def client_ranks(ranks: int | list[int], num_clients: int) -> list[int]:
+    return [ranks] * num_clients if isinstance(ranks, int) else list(ranks)
+
+
+def run_federated(
+    dm: FederatedDataModule,
+    cfg: dict,
+    root: str,
+    profile: cProfile.Profile | None = None,
+    *,
+    model: Callable[[], LoRACLIPClassifier] = new_model,
+    ranks: int | list[int] = RANK,
+    **trainer_args,
+) -> dict:
+    """``FederatedTrainer.fit`` timed over its rounds; ``trainer_args`` go to the trainer (accelerator,
+    precision, ...). ``model`` builds the (unconfigured) module the trainer fits."""
     timer = RoundTimer()
     trainer = FederatedTrainer(
         rounds=cfg["rounds"],
         clients_per_round=cfg["per_round"],
-        ranks=RANK,
+        ranks=ranks,
         max_local_steps=cfg["steps"],
         eval_every=10**9,  # evaluation only after the last round, outside the timed span
         callbacks=[timer],
@@ -84,12 +108,13 @@ def run_federated(dm: FederatedDataModule, cfg: dict, root: str, profile: cProfi
         progress=False,  # a progress bar is a terminal cost, not a framework one
         root_dir=root,
         name="overhead",
+        **trainer_args,
     )
-    model = new_model()
+    module = model()
     if profile is not None:
         profile.enable()
     with contextlib.redirect_stdout(io.StringIO()):  # fit prints its results table: not needed here
-        trainer.fit(model, dm)
+        trainer.fit(module, dm)
     if profile is not None:
         profile.disable()
     return {
@@ -99,26 +124,47 @@ def run_federated(dm: FederatedDataModule, cfg: dict, root: str, profile: cProfi
     }
 
 
-def run_plain(dm: FederatedDataModule, cfg: dict) -> float:
-    """The same (client, round) batches through a hand-written loop on one model with one optimizer."""
-    model = new_model()
-    model.configure_model()
-    model.add_ranks([RANK])
-    optimizer = model.configure_optimizers()
-    model.train()
+def run_plain(
+    dm: FederatedDataModule,
+    cfg: dict,
+    *,
+    model: Callable[[], LoRACLIPClassifier] = new_model,
+    ranks: int | list[int] = RANK,
+    device: torch.device | str = "cpu",
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> float:
+    """The same (client, round) batches through a hand-written loop on one model, with one optimizer per
+    rank (made once) and each client trained through the adapter of its rank; ``autocast`` wraps the
+    forward pass as the trainer's precision does."""
+    module = model()
+    module.configure_model()
+    per_client = client_ranks(ranks, dm.num_clients)
+    module.add_ranks(per_client)
+    module.to(device)
+    optimizers = {}
+    for rank in sorted(set(per_client)):
+        module.use_rank(rank)  # the optimizer holds the parameters that train under this rank
+        optimizers[rank] = module.configure_optimizers()
+    module.train()
     plan = [
         (client, client_seed(0, r, client))
         for r in range(cfg["rounds"])
         for client in sample_clients(dm.num_clients, cfg["per_round"], 0, r)
     ]
+    _sync()
     start = time.perf_counter()
     for client, seed in plan:
+        module.use_rank(per_client[client])
+        optimizer = optimizers[per_client[client]]
         loader = dm.client_dataloader(client, "train", torch.Generator().manual_seed(seed))
         for batch_idx, batch in zip(range(cfg["steps"]), loader, strict=False):  # range first: no extra batch
-            loss = model.training_step(batch, batch_idx)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast():
+                loss = module.training_step(batch, batch_idx)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+    _sync()
     return time.perf_counter() - start
 
 

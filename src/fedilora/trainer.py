@@ -300,6 +300,7 @@ class FederatedTrainer:
                 self._bar.close()
                 self._stop_with_checkpoint()
         self._bar.close()
+        datamodule.teardown("fit")  # stops the DataLoader workers (as lightning.Trainer does at its end)
         problem = run_problem([bool(h.get("round/skipped")) for h in self.history], self.rounds)
         results = run_results(
             self.history,

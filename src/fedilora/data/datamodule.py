@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Literal
 
 import lightning as L
@@ -11,7 +11,7 @@ import open_clip
 import torch
 from jsonargparse import lazy_instance
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from fedilora.backbone import TINY_MODEL, register_model_configs
 from fedilora.data.duplicates import count_copies
@@ -115,6 +115,114 @@ class _Batches(Dataset):
         return out
 
 
+class _Views(Dataset):
+    """Every ``_Batches`` view of a datamodule in one dataset, read as ``views[(view, positions)]``: the one
+    dataset that a shared pool of DataLoader workers holds (each worker copies it when it starts)."""
+
+    def __init__(self, views: dict[Hashable, _Batches]):
+        self.views = views
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.views.values())
+
+    def __getitem__(self, key: tuple[Hashable, list[int]]) -> dict[str, Tensor]:
+        view, positions = key
+        return self.views[view][positions]
+
+
+class _Plan(Sampler):
+    """The sampler of the shared pool: the ``(view, positions)`` batches of the view being read now."""
+
+    def __init__(self) -> None:
+        self.view: Hashable = None
+        self.batches: BatchSampler | list = []
+
+    def __iter__(self) -> Iterator[tuple[Hashable, list[int]]]:
+        for positions in self.batches:
+            yield self.view, positions
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class WorkerPool:
+    """``num_workers`` DataLoader worker processes that decode the batches of every view of one datamodule
+    (every client's splits, the pooled splits, the global test set) and live as long as the pool.
+
+    Why one pool shared by all views rather than one persistent DataLoader per client: a round trains a
+    handful of clients out of possibly thousands, so per-client loaders would either hold
+    ``num_clients * num_workers`` processes or, behind an LRU, miss on almost every client and re-spawn
+    anyway. One pool costs ``num_workers`` processes whatever the number of clients, is started once per
+    run, and its workers' image caches (``ImageFiles``) serve every client.
+
+    Reads happen one at a time (the main process trains or evaluates one view at a time); a read started
+    while another is unfinished ends the unfinished one: reading it further raises ``RuntimeError``.
+    Shuffling stays in the main process (the sampler runs there, with the caller's generator), so the
+    batches are those of ``num_workers: 0`` whatever the workers.
+
+    The workers copy the data when they start (at the first read): data changed in the main process after
+    that is not seen by them.
+    """
+
+    def __init__(self, views: dict[Hashable, _Batches], num_workers: int) -> None:
+        self.views = views
+        self.plan = _Plan()
+        self.loader = DataLoader(
+            _Views(views), sampler=self.plan, batch_size=None, num_workers=num_workers, persistent_workers=True
+        )
+        self.reads = 0  # reads started; counts the resets of the workers' iterator (the benchmark reports it)
+        self.starts = 0  # times the worker processes were started
+
+    def read(self, view: Hashable, batches: BatchSampler) -> Iterator[dict[str, Tensor]]:
+        self.reads += 1
+        token = self.reads
+        self.plan.view, self.plan.batches = view, batches
+        if self.loader._iterator is None:
+            self.starts += 1
+        else:
+            # A fresh DataLoader iterator draws its workers' base seed from the global RNG; a persistent one
+            # draws it only when it starts. Draw it here too, so that the global RNG (dropout, ...) is where
+            # a run with num_workers: 0 leaves it and results do not depend on the workers.
+            torch.empty((), dtype=torch.int64).random_()
+        iterator = iter(self.loader)  # starts the workers, or resets them (drops what they prefetched)
+        return self._batches(iterator, token)
+
+    def _batches(self, iterator: Iterator, token: int) -> Iterator[dict[str, Tensor]]:
+        while True:
+            if self.reads != token:
+                raise RuntimeError(
+                    "two reads of the datamodule's DataLoader workers interleave: another loader was started "
+                    "before this one was read to its end; read the loaders one after the other"
+                )
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes (they also stop with the pool or the main process)."""
+        iterator = self.loader._iterator
+        if iterator is not None:
+            iterator._shutdown_workers()
+            self.loader._iterator = None
+
+
+class PoolLoader:
+    """One view's batches read through the datamodule's ``WorkerPool``: what the datamodule's loaders are
+    when ``num_workers > 0``. Sized and iterable like a DataLoader; each ``iter()`` is one pass."""
+
+    def __init__(self, pool: WorkerPool, view: Hashable, batches: BatchSampler) -> None:
+        self.pool, self.view, self.batches = pool, view, batches
+        self.dataset = pool.views[view]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        return self.pool.read(self.view, self.batches)
+
+
 class FederatedDataModule(L.LightningDataModule):
     """Partitions one multimodal dataset over clients and drops modalities per client.
 
@@ -142,7 +250,8 @@ class FederatedDataModule(L.LightningDataModule):
             ``model.model_name``).
         seed: Seed of partitioning, splits and missing masks.
         num_workers: DataLoader worker processes that decode image files in parallel (0: in the main
-            process; the embedded benchmark needs none).
+            process; the embedded benchmark needs none). They are started once, at the first read, and
+            serve every client and round (``WorkerPool``); ``teardown()`` stops them.
     """
 
     def __init__(
@@ -212,6 +321,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.clients: list[dict[Split, tuple[Tensor, Tensor, Tensor]]] = []
         self.skipped: dict[str, int] = {}  # bad samples left out per split (on_bad_sample: skip)
         self.duplicates: dict[str, int] = {}  # evaluation samples that copy a training sample (setup)
+        self._pool: WorkerPool | None = None  # the DataLoader workers (num_workers > 0), started at the first read
 
     @property
     def num_classes(self) -> int:
@@ -309,41 +419,74 @@ class FederatedDataModule(L.LightningDataModule):
     def num_train_samples(self, client: int) -> int:
         return len(self.clients[client]["train"][0])
 
-    def client_dataloader(self, client: int, split: Split, generator: torch.Generator | None = None) -> DataLoader:
+    def client_dataloader(
+        self, client: int, split: Split, generator: torch.Generator | None = None
+    ) -> DataLoader | PoolLoader:
         """Client ``client``'s ``split``; training batches are shuffled with ``generator``."""
-        index, image_present, text_present = self.clients[client][split]
-        context = f"client {client}'s {split} split"
-        batches = _Batches(self.pool, self.pool_tokens, index, image_present, text_present, context)
-        return self._loader(batches, split, generator)
+        return self._loader(("client", client, split), split, generator)
 
-    def global_test_dataloader(self, condition: Condition = "complete") -> DataLoader:
+    def global_test_dataloader(self, condition: Condition = "complete") -> DataLoader | PoolLoader:
         """The global test set with every sample in ``condition``: ``complete``, ``image_only``,
         ``text_only``, or ``missing`` (the masks of ``test_missing_rate``)."""
-        n = len(self.test)
-        if condition == "missing":
-            image_present, text_present = self.test_masks
-        else:
-            image_present = torch.full((n,), condition != "text_only")
-            text_present = torch.full((n,), condition != "image_only")
-        index = torch.arange(n)
-        batches = _Batches(self.test, self.test_tokens, index, image_present, text_present, "the global test set")
-        return self._loader(batches, "test", None)
+        return self._loader(("global_test", condition), "test", None)
 
     def conditions(self) -> tuple[Condition, ...]:
         return (*CONDITIONS, "missing") if self.test_missing_rate > 0 else CONDITIONS
 
-    def _loader(self, dataset: _Batches, split: Split, generator: torch.Generator | None) -> DataLoader:
+    def _view(self, view: Hashable) -> _Batches:
+        """The ``_Batches`` of ``("client", k, split)``, ``("global_test", condition)`` or ``("pooled", split)``."""
+        if view[0] == "client":
+            _, client, split = view
+            index, image_present, text_present = self.clients[client][split]
+            return _Batches(
+                self.pool, self.pool_tokens, index, image_present, text_present, f"client {client}'s {split} split"
+            )
+        if view[0] == "global_test":
+            condition = view[1]
+            n = len(self.test)
+            if condition == "missing":
+                image_present, text_present = self.test_masks
+            else:
+                image_present = torch.full((n,), condition != "text_only")
+                text_present = torch.full((n,), condition != "image_only")
+            return _Batches(
+                self.test, self.test_tokens, torch.arange(n), image_present, text_present, "the global test set"
+            )
+        return self._pooled(view[1])
+
+    def _every_view(self) -> dict[Hashable, _Batches]:
+        views: list[Hashable] = [("client", k, s) for k in range(self.num_clients) for s in ("train", "val", "test")]
+        views += [("global_test", c) for c in (*CONDITIONS, "missing")] + [
+            ("pooled", s) for s in ("train", "val", "test")
+        ]
+        return {view: self._view(view) for view in views}
+
+    def _batches(self, dataset: _Batches, split: Split, generator: torch.Generator | None) -> BatchSampler:
         if split == "train":
-            sampler = RandomSampler(dataset, generator=generator)
-            batch_size = self.batch_size
-        else:
-            sampler, batch_size = SequentialSampler(dataset), self.eval_batch_size
+            return BatchSampler(RandomSampler(dataset, generator=generator), self.batch_size, drop_last=False)
+        return BatchSampler(SequentialSampler(dataset), self.eval_batch_size, drop_last=False)
+
+    def _loader(self, view: Hashable, split: Split, generator: torch.Generator | None) -> DataLoader | PoolLoader:
+        if self.num_workers == 0:  # building a DataLoader without workers costs nothing: one per read
+            return self._dataloader(self._view(view), split, generator)
+        if self._pool is None:
+            self._pool = WorkerPool(self._every_view(), self.num_workers)
+        return PoolLoader(self._pool, view, self._batches(self._pool.views[view], split, generator))
+
+    def _dataloader(self, dataset: _Batches, split: Split, generator: torch.Generator | None) -> DataLoader:
+        """A DataLoader of its own (workers started per pass), for ``lightning.Trainer``'s hooks."""
         return DataLoader(
-            dataset,
-            sampler=BatchSampler(sampler, batch_size, drop_last=False),
-            batch_size=None,
-            num_workers=self.num_workers,
+            dataset, sampler=self._batches(dataset, split, generator), batch_size=None, num_workers=self.num_workers
         )
+
+    def teardown(self, stage: str | None = None) -> None:
+        """Stop the DataLoader workers (a later read starts them again)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __getstate__(self) -> dict:  # worker processes do not pickle; a copy starts its own
+        return {**self.__dict__, "_pool": None}
 
     def _pooled(self, split: Split) -> _Batches:
         parts = [self.clients[k][split] for k in range(self.num_clients)]
@@ -351,18 +494,18 @@ class FederatedDataModule(L.LightningDataModule):
         return _Batches(self.pool, self.pool_tokens, index, image_present, text_present, f"the pooled {split} split")
 
     # --------------------------------------------- pooled views (centralized training, lightning.Trainer)
-    def pooled_dataloader(self, split: Split, generator: torch.Generator | None = None) -> DataLoader:
+    def pooled_dataloader(self, split: Split, generator: torch.Generator | None = None) -> DataLoader | PoolLoader:
         """The union of every client's ``split`` (with the clients' masks), e.g. for centralized training."""
-        return self._loader(self._pooled(split), split, generator)
+        return self._loader(("pooled", split), split, generator)
 
     def train_dataloader(self) -> DataLoader:
-        return self.pooled_dataloader("train", torch.Generator().manual_seed(self.seed))
+        return self._dataloader(self._pooled("train"), "train", torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._pooled("val"), "val", None)
+        return self._dataloader(self._pooled("val"), "val", None)
 
     def test_dataloader(self) -> DataLoader:
-        return self.global_test_dataloader("complete")
+        return self._dataloader(self._view(("global_test", "complete")), "test", None)
 
     def missing_masks(self) -> dict[str, Tensor]:
         """Every mask of the run, flat, for storing next to its logs."""
