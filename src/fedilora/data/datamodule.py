@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -316,9 +317,13 @@ class FederatedDataModule(L.LightningDataModule):
         batches = _Batches(self.pool, self.pool_tokens, index, image_present, text_present, context)
         return self._loader(batches, split, generator)
 
-    def global_test_dataloader(self, condition: Condition = "complete") -> DataLoader:
+    def global_test_dataloader(self, condition: Condition = "complete", shard: tuple[int, int] = (0, 1)) -> DataLoader:
         """The global test set with every sample in ``condition``: ``complete``, ``image_only``,
-        ``text_only``, or ``missing`` (the masks of ``test_missing_rate``)."""
+        ``text_only``, or ``missing`` (the masks of ``test_missing_rate``).
+
+        ``shard=(i, n)``: only the ``i``-th of ``n`` contiguous runs of the whole set's batches (one per
+        process), without padding: the shards' batches are exactly the whole set's, each sample once.
+        """
         n = len(self.test)
         if condition == "missing":
             image_present, text_present = self.test_masks
@@ -326,6 +331,15 @@ class FederatedDataModule(L.LightningDataModule):
             image_present = torch.full((n,), condition != "text_only")
             text_present = torch.full((n,), condition != "image_only")
         index = torch.arange(n)
+        part, parts = shard
+        if not 0 <= part < parts:
+            raise ValueError(f"shard {part} of {parts}: needs 0 <= shard < number of shards")
+        if parts > 1:
+            batches = math.ceil(n / self.eval_batch_size)
+            # cut at batch boundaries so that every batch holds the same samples as without sharding
+            first, last = (batches * part // parts, batches * (part + 1) // parts)
+            keep = slice(first * self.eval_batch_size, min(last * self.eval_batch_size, n))
+            index, image_present, text_present = index[keep], image_present[keep], text_present[keep]
         batches = _Batches(self.test, self.test_tokens, index, image_present, text_present, "the global test set")
         return self._loader(batches, "test", None)
 
