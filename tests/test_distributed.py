@@ -13,6 +13,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fedilora.errors import ConfigError
+from fedilora.model import LoRACLIPClassifier
+from fedilora.trainer import FederatedTrainer
+from helpers import tiny_datamodule
+
 FIT = Path(__file__).with_name("ddp_run.py")
 EVALUATE = Path(__file__).with_name("ddp_eval.py")
 TASKS = ("multiclass", "binary", "multilabel")
@@ -118,3 +123,16 @@ def test_shared_evaluation_gives_exactly_the_single_process_figures(tmp_path):
         assert [s["global_samples"] for s in shares] == [4 * 64, 4 * 86]
         assert single["clients"] == [0, 1, 2, 3, 4]
         assert [s["clients"] for s in shares] == [[0, 2, 4], [1, 3]]
+
+
+# ---------------------------------------------------------------------------- a launcher's settings
+def test_torchrun_world_size_that_disagrees_with_devices_and_num_nodes_is_one_config_error(monkeypatch, tmp_path):
+    # what torchrun sets for the first of 3 processes; the config asks for 2 nodes x 1 device
+    torchrun = {"TORCHELASTIC_RUN_ID": "test", "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    trainer = FederatedTrainer(devices=1, num_nodes=2, strategy="ddp", root_dir=str(tmp_path), progress=False)
+    expected = r"^trainer.devices/num_nodes .*\(1 \* 2\) does not match the world size \(3\)"
+    with pytest.raises(ConfigError, match=expected):
+        trainer.fit(LoRACLIPClassifier(num_classes=12), tiny_datamodule())
