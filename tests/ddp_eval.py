@@ -3,17 +3,22 @@ and write, per process, the figures it ends with and what it evaluated itself, f
 
 Fabric's ``ddp`` launcher starts the other processes by re-running this script, so the tests run it in
 a subprocess: ``python tests/ddp_eval.py DEVICES OUT_DIR [NUM_NODES]`` (with ``NUM_NODES`` > 1, once
-per node with ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set).
+per node with ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set). With ``BREAK=global`` or
+``BREAK=personal`` in the environment, process 1 meets a data error in that evaluation; every process
+writes the error it stops with to ``error_rank<r>.txt``.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
 from fedilora.data import FederatedDataModule, SyntheticBenchmark
+from fedilora.data.errors import DataError
 from fedilora.data.source import MultimodalData
+from fedilora.errors import ConfigError
 from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.model import LoRACLIPClassifier
 
@@ -67,9 +72,13 @@ def evaluate(fabric, task: str) -> dict:
         seen["global_samples"] += len(batch["label"])
         return step(batch, batch_idx)
 
-    model.validation_step = counting_step
+    def broken_step(batch, batch_idx):
+        raise DataError(f"broken.png, line {batch_idx + 1}: not an image (process {fabric.global_rank})")
+
+    breaks = os.environ.get("BREAK") if fabric.global_rank == 1 else None
+    model.validation_step = broken_step if breaks == "global" else counting_step
     metrics = evaluate_global(model, fabric, datamodule, [global_state])
-    model.validation_step = step
+    model.validation_step = broken_step if breaks == "personal" else step
     loader = datamodule.client_dataloader
     datamodule.client_dataloader = lambda client, split: seen["clients"].append(client) or loader(client, split)
     metrics.update(evaluate_personalized(model, fabric, datamodule, personal))
@@ -83,9 +92,13 @@ def main(devices: int, out: Path, num_nodes: int = 1) -> None:
     fabric = Fabric(accelerator="cpu", devices=devices, num_nodes=num_nodes,
                     strategy="ddp" if devices * num_nodes > 1 else "auto")  # fmt: skip
     fabric.launch()
-    results = {task: evaluate(fabric, task) for task in ("multiclass", "binary", "multilabel")}
-    results["world_size"] = fabric.world_size
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        results = {task: evaluate(fabric, task) for task in ("multiclass", "binary", "multilabel")}
+    except ConfigError as err:
+        (out / f"error_rank{fabric.global_rank}.txt").write_text(f"{type(err).__name__}: {err}")
+        sys.exit(2)
+    results["world_size"] = fabric.world_size
     (out / f"rank{fabric.global_rank}.json").write_text(json.dumps(results))
 
 

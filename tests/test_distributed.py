@@ -125,6 +125,22 @@ def test_shared_evaluation_gives_exactly_the_single_process_figures(tmp_path):
         assert [s["clients"] for s in shares] == [[0, 2, 4], [1, 3]]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["global", "personal"])
+def test_a_data_error_in_one_process_evaluation_stops_every_process_with_it(where, tmp_path):
+    # process 1 alone meets the bad file (its shard, or its clients); process 0 must not wait for it in
+    # a collective, and stops with the same one-line error
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BREAK": where}
+    done = subprocess.run([sys.executable, str(EVALUATE), "2", str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert done.returncode != 0
+    for rank in (0, 1):
+        error = (tmp_path / f"error_rank{rank}.txt").read_text()
+        assert error.endswith("broken.png, line 1: not an image (process 1)"), (rank, error)
+    assert (tmp_path / "error_rank1.txt").read_text().startswith("DataError: ")
+    assert not list(tmp_path.glob("rank*.json"))
+
+
 # ---------------------------------------------------------------------------- a launcher's settings
 def test_torchrun_world_size_that_disagrees_with_devices_and_num_nodes_is_one_config_error(monkeypatch, tmp_path):
     # what torchrun sets for the first of 3 processes; the config asks for 2 nodes x 1 device

@@ -17,6 +17,7 @@ from lightning.fabric import Fabric
 from torch import Tensor
 
 from fedilora.data.datamodule import FederatedDataModule
+from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
 from fedilora.server import Personal
 
@@ -43,12 +44,34 @@ def evaluate_loader(
     own = model.val_metrics
     model.val_metrics = model.build_metrics(sync_on_compute=sync)  # what validation_step updates
     try:
-        for batch_idx, batch in enumerate(loader):
-            with fabric.autocast():
-                model.validation_step(fabric.to_device(batch), batch_idx)
+        problem = None
+        try:
+            for batch_idx, batch in enumerate(loader):
+                with fabric.autocast():
+                    model.validation_step(fabric.to_device(batch), batch_idx)
+        except ConfigError as err:  # a data error, e.g. an image that does not decode
+            if not sync:
+                raise
+            problem = err
+        if sync:  # the others must not wait in compute() for a process that stopped: all stop together
+            raise_on_every_process(problem)
         return {k: float(v) for k, v in model.val_metrics.compute().items()}
     finally:
         model.val_metrics = own
+
+
+def raise_on_every_process(problem: ConfigError | None) -> None:
+    """Raise ``problem`` (this process's) or, as a ``ConfigError``, the problem of any other process, so
+    that all processes stop together instead of waiting for one that stopped."""
+    messages = [None if problem is None else str(problem)]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        messages = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(messages, None if problem is None else str(problem))
+    if problem is not None:
+        raise problem
+    first = next((message for message in messages if message is not None), None)
+    if first is not None:
+        raise ConfigError(first)
 
 
 def evaluate_state(
@@ -97,11 +120,19 @@ def evaluate_personalized(
     round's plan) and every process receives all the figures."""
     rank, processes = shared_by(fabric)
     per_client: dict[int, dict[str, float]] = {}
+    problem = None
     for client, state in sorted(personal.items())[rank::processes]:
         loader = datamodule.client_dataloader(client, "test")
         if len(loader) > 0:
-            per_client[client] = evaluate_state(model, fabric, state, loader)
+            try:
+                per_client[client] = evaluate_state(model, fabric, state, loader)
+            except ConfigError as err:  # a data error: raised below on every process, not only here
+                if processes == 1:
+                    raise
+                problem = err
+                break
     if processes > 1:
+        raise_on_every_process(problem)
         gathered: list = [None] * processes
         torch.distributed.all_gather_object(gathered, per_client)
         per_client = {client: figures for part in gathered for client, figures in part.items()}
