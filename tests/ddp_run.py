@@ -2,7 +2,8 @@
 updates are sabotaged: the rejections must be the same whatever process trains them).
 
 Fabric's ``ddp`` launcher starts the other processes by re-running this script, so the equality test
-runs it in a subprocess: ``python tests/ddp_run.py DEVICES OUT_DIR``.
+runs it in a subprocess: ``python tests/ddp_run.py DEVICES OUT_DIR [NUM_NODES]`` (with ``NUM_NODES`` > 1,
+once per node with ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set).
 """
 
 import json
@@ -18,7 +19,7 @@ from fedilora.trainer import FederatedTrainer
 from helpers import Sabotage, tiny_datamodule
 
 
-def main(devices: int, out: Path) -> None:
+def main(devices: int, out: Path, num_nodes: int = 1) -> None:
     torch.set_num_threads(1)
     trainer = FederatedTrainer(
         rounds=2,
@@ -34,11 +35,23 @@ def main(devices: int, out: Path) -> None:
         ],
         accelerator="cpu",
         devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
         root_dir=str(out / "runs"),
         progress=False,
     )
-    trainer.fit(LoRACLIPClassifier(num_classes=12), tiny_datamodule(num_clients=4))
+    model = LoRACLIPClassifier(num_classes=12)
+    evaluated, step = [0], model.validation_step  # samples this process evaluates: the processes share them
+
+    def counting_step(batch, batch_idx):
+        evaluated[0] += len(batch["label"])
+        return step(batch, batch_idx)
+
+    model.validation_step = counting_step
+    # 120 test samples in 4 batches: enough for every process to get a shard of the global test set
+    trainer.fit(model, tiny_datamodule(num_clients=4, eval_batch_size=32))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"evaluated_rank{trainer.fabric.global_rank}.txt").write_text(str(evaluated[0]))
     if trainer.fabric.is_global_zero:
         tensors = {f"global.{k}": v for k, v in {**trainer.global_lora, **trainer.global_extra}.items()}
         for client, (_, lora, extra) in trainer.personal.items():
@@ -50,4 +63,4 @@ def main(devices: int, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), Path(sys.argv[2]))
+    main(int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 1)

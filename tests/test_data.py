@@ -126,3 +126,22 @@ def test_bad_data_options(kwargs, option):
 def test_too_many_clients_for_the_data():
     with pytest.raises(ConfigError, match=r"data\.num_clients"):
         tiny_datamodule(num_clients=80, num_train=60).setup()
+
+
+@pytest.mark.parametrize(("parts", "workers"), [(2, 0), (3, 0), (4, 0), (3, 1)])
+def test_global_test_shards_are_the_whole_sets_batches_without_padding(parts, workers):
+    # workers=1: the shard is cut the same way from the persistent worker pool's batches
+    dm = tiny_datamodule(num_test=150, eval_batch_size=32, test_missing_rate=0.5, num_workers=workers)
+    dm.setup()
+    whole = list(dm.global_test_dataloader("missing"))  # 5 batches: 4 of 32 and one of 22
+    shards = [list(dm.global_test_dataloader("missing", shard=(i, parts))) for i in range(parts)]
+    assert all(shards), "every process gets at least one batch"
+    joined = [batch for shard in shards for batch in shard]
+    assert [len(b["label"]) for b in joined] == [32, 32, 32, 32, 22]  # each sample once, nothing repeated
+    for mine, reference in zip(joined, whole, strict=True):  # the very batches of one process, masks included
+        assert mine.keys() == reference.keys()
+        assert all(torch.equal(mine[k], reference[k]) for k in reference)
+    assert len(dm.global_test_dataloader(shard=(0, 1))) == len(whole)
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        dm.global_test_dataloader(shard=(2, 2))
+    dm.teardown()

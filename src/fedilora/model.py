@@ -339,8 +339,12 @@ class LoRACLIPClassifier(L.LightningModule):
             return logits.softmax(-1)
         return torch.sigmoid(logits.squeeze(-1) if self.task == "binary" else logits)
 
-    def build_metrics(self) -> MetricCollection:
+    def build_metrics(self, sync_on_compute: bool = True) -> MetricCollection:
         """torchmetrics for the task; the first one is the headline metric of reports.
+
+        ``sync_on_compute``: torchmetrics' own flag: ``compute()`` gathers the states of every process of
+        the initialised process group (the default; a no-op in one process). Off where each process
+        evaluates a model of its own.
 
         ``multiclass``: top-1 accuracy (``acc``), top-5 accuracy (``acc_top5``, only with more than 5
         classes, where it is not trivially 1) and macro F1 (UPMC Food-101's metrics). ``multilabel``:
@@ -349,19 +353,20 @@ class LoRACLIPClassifier(L.LightningModule):
         """
         from fedilora.data.metrics import MultilabelSamplesF1Score
 
+        sync = {"sync_on_compute": sync_on_compute}
         if self.task == "multiclass":
-            metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro")}
+            metrics = {"acc": MulticlassAccuracy(self.num_classes, average="micro", **sync)}
             if self.num_classes > 5:
-                metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro")
-            metrics["f1_macro"] = MulticlassF1Score(self.num_classes, average="macro")
+                metrics["acc_top5"] = MulticlassAccuracy(self.num_classes, top_k=5, average="micro", **sync)
+            metrics["f1_macro"] = MulticlassF1Score(self.num_classes, average="macro", **sync)
         elif self.task == "multilabel":
             metrics = {
-                "f1_micro": MultilabelF1Score(self.num_classes, average="micro"),
-                "f1_macro": MultilabelF1Score(self.num_classes, average="macro"),
-                "f1_samples": MultilabelSamplesF1Score(),
+                "f1_micro": MultilabelF1Score(self.num_classes, average="micro", **sync),
+                "f1_macro": MultilabelF1Score(self.num_classes, average="macro", **sync),
+                "f1_samples": MultilabelSamplesF1Score(**sync),
             }
         else:
-            metrics = {"auroc": BinaryAUROC(), "acc": BinaryAccuracy()}
+            metrics = {"auroc": BinaryAUROC(**sync), "acc": BinaryAccuracy(**sync)}
         # MetricCollection sorts the keys of one dict alphabetically; adding one metric at a time keeps
         # this order (compute() follows it), so the headline stays first.
         # compute_groups=False: torchmetrics would otherwise merge the metrics whose states are equal after

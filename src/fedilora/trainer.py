@@ -238,6 +238,16 @@ class FederatedTrainer:
             secure_aggregation=self.secure_aggregation,
         )
 
+    def launch(self) -> None:
+        """``fabric.launch()``: start the other processes of this node, or join those a cluster's launcher
+        started (torchrun, SLURM), which must agree with ``trainer.devices`` and ``trainer.num_nodes``."""
+        try:
+            self.fabric.launch()
+        except ValueError as err:  # Fabric's check of the launcher's world size, tasks per node and nodes
+            raise ConfigError(
+                f"trainer.devices/num_nodes (or the launcher's environment): {str(err).splitlines()[0]}"
+            ) from None
+
     # --------------------------------------------------------------------------------- fit
     def fit(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict:
         """Run every round and return the final results (also written to ``results.json``).
@@ -251,7 +261,7 @@ class FederatedTrainer:
         """
         fabric = self.fabric
         ranks, per_round, global_rank = self._check(model, datamodule)
-        fabric.launch()
+        self.launch()
         remove_stale_temporaries(fabric, self.root_dir, self.name)
         fabric.seed_everything(self.seed)
         datamodule.setup("fit")

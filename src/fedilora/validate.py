@@ -246,7 +246,7 @@ def validate(
     models = from_checkpoint(trainer, ckpt_path) if ckpt_path is not None else from_adapter(adapter)
     _check(trainer, model, datamodule, models)
     fabric = trainer.fabric
-    fabric.launch()
+    trainer.launch()
     fabric.seed_everything(trainer.seed)  # as fit: the same random backbone where pretrained is null
     datamodule.setup("validate")
     model.configure_model()

@@ -212,7 +212,7 @@ class PoolLoader:
     """One view's batches read through the datamodule's ``WorkerPool``: what the datamodule's loaders are
     when ``num_workers > 0``. Sized and iterable like a DataLoader; each ``iter()`` is one pass."""
 
-    def __init__(self, pool: WorkerPool, view: Hashable, batches: BatchSampler) -> None:
+    def __init__(self, pool: WorkerPool, view: Hashable, batches: BatchSampler | list[list[int]]) -> None:
         self.pool, self.view, self.batches = pool, view, batches
         self.dataset = pool.views[view]
 
@@ -425,10 +425,19 @@ class FederatedDataModule(L.LightningDataModule):
         """Client ``client``'s ``split``; training batches are shuffled with ``generator``."""
         return self._loader(("client", client, split), split, generator)
 
-    def global_test_dataloader(self, condition: Condition = "complete") -> DataLoader | PoolLoader:
+    def global_test_dataloader(
+        self, condition: Condition = "complete", shard: tuple[int, int] = (0, 1)
+    ) -> DataLoader | PoolLoader:
         """The global test set with every sample in ``condition``: ``complete``, ``image_only``,
-        ``text_only``, or ``missing`` (the masks of ``test_missing_rate``)."""
-        return self._loader(("global_test", condition), "test", None)
+        ``text_only``, or ``missing`` (the masks of ``test_missing_rate``).
+
+        ``shard=(i, n)``: only the ``i``-th of ``n`` contiguous runs of the whole set's batches (one per
+        process), without padding: the shards' batches are exactly the whole set's, each sample once.
+        """
+        part, parts = shard
+        if not 0 <= part < parts:
+            raise ValueError(f"shard {part} of {parts}: needs 0 <= shard < number of shards")
+        return self._loader(("global_test", condition), "test", None, shard)
 
     def conditions(self) -> tuple[Condition, ...]:
         return (*CONDITIONS, "missing") if self.test_missing_rate > 0 else CONDITIONS
@@ -461,23 +470,34 @@ class FederatedDataModule(L.LightningDataModule):
         ]
         return {view: self._view(view) for view in views}
 
-    def _batches(self, dataset: _Batches, split: Split, generator: torch.Generator | None) -> BatchSampler:
+    def _batches(
+        self, dataset: _Batches, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+    ) -> BatchSampler | list[list[int]]:
         if split == "train":
             return BatchSampler(RandomSampler(dataset, generator=generator), self.batch_size, drop_last=False)
-        return BatchSampler(SequentialSampler(dataset), self.eval_batch_size, drop_last=False)
+        batches = BatchSampler(SequentialSampler(dataset), self.eval_batch_size, drop_last=False)
+        part, parts = shard
+        if parts == 1:
+            return batches
+        # cut at batch boundaries so that every batch holds the same samples as without sharding
+        count = len(batches)
+        return list(batches)[count * part // parts : count * (part + 1) // parts]
 
-    def _loader(self, view: Hashable, split: Split, generator: torch.Generator | None) -> DataLoader | PoolLoader:
+    def _loader(
+        self, view: Hashable, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+    ) -> DataLoader | PoolLoader:
         if self.num_workers == 0:  # building a DataLoader without workers costs nothing: one per read
-            return self._dataloader(self._view(view), split, generator)
+            return self._dataloader(self._view(view), split, generator, shard)
         if self._pool is None:
             self._pool = WorkerPool(self._every_view(), self.num_workers)
-        return PoolLoader(self._pool, view, self._batches(self._pool.views[view], split, generator))
+        return PoolLoader(self._pool, view, self._batches(self._pool.views[view], split, generator, shard))
 
-    def _dataloader(self, dataset: _Batches, split: Split, generator: torch.Generator | None) -> DataLoader:
+    def _dataloader(
+        self, dataset: _Batches, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+    ) -> DataLoader:
         """A DataLoader of its own (workers started per pass), for ``lightning.Trainer``'s hooks."""
-        return DataLoader(
-            dataset, sampler=self._batches(dataset, split, generator), batch_size=None, num_workers=self.num_workers
-        )
+        sampler = self._batches(dataset, split, generator, shard)
+        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=self.num_workers)
 
     def teardown(self, stage: str | None = None) -> None:
         """Stop the DataLoader workers (a later read starts them again)."""
