@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.model import LoRACLIPClassifier
-from fedilora.server import Personal
+from fedilora.personal import Personal
 
 
 @torch.no_grad()
@@ -57,10 +57,10 @@ def evaluate_personalized(
     """``personalized/client_<k>/<metric>`` of every client's model on its own test split (clients
     without test samples are left out), their mean, and how many clients it covers."""
     per_client: dict[int, dict[str, float]] = {}
-    for client, state in sorted(personal.items()):
+    for client in sorted(personal):  # one state read at a time: a ``PersonalStore`` may hold them on disk
         loader = datamodule.client_dataloader(client, "test")
         if len(loader) > 0:
-            per_client[client] = evaluate_state(model, fabric, state, loader)
+            per_client[client] = evaluate_state(model, fabric, personal[client], loader)
     return personalized_summary(per_client)
 
 
