@@ -195,7 +195,7 @@ class FlowerTrainer(FederatedTrainer):
 
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:
         metrics = evaluate_global(model, self.fabric, datamodule, self.server.global_models())
-        personal: dict[int, Personal] = self.server.personalized_models(datamodule.num_clients)
+        personal: Mapping[int, Personal] = self.server.personalized_models(datamodule.num_clients)
         messages = {
             client: self._message(MessageType.EVALUATE, model, -1, client, rank, lora, extra)
             for client, (rank, lora, extra) in personal.items()
