@@ -45,8 +45,9 @@ _VERSION = re.compile(r"version_(\d+)")
 _TEMPORARY = re.compile(r"\.round-\d+\.ckpt(?:\.(\d+))?\.tmp")  # without a pid: written by fedilora < v2
 
 # Options that do not change what a run computes, so a resume may change them: where the logs go, how
-# often to evaluate, checkpoint and show progress, and which hardware runs it (several processes give
-# the single-process result up to float tolerance). ``trainer.rounds`` may grow, not shrink below the
+# often to evaluate, checkpoint and show progress, how much RAM the personalized states take (spilled
+# ones read back are bit-for-bit the same), and which hardware runs it (several processes give the
+# single-process result up to float tolerance). ``trainer.rounds`` may grow, not shrink below the
 # rounds completed (checked on its own). Precision changes the numbers and is fingerprinted.
 MAY_CHANGE_ON_RESUME = frozenset(
     {
@@ -54,6 +55,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "trainer.eval_every",
         "trainer.checkpoint_every",
         "trainer.keep_last",
+        "trainer.personal_memory_mb",
         "trainer.progress",
         "trainer.root_dir",
         "trainer.name",

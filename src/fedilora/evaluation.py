@@ -19,7 +19,7 @@ from torch import Tensor
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
-from fedilora.server import Personal
+from fedilora.personal import Personal
 
 
 def shared_by(fabric: Fabric) -> tuple[int, int]:
@@ -121,11 +121,12 @@ def evaluate_personalized(
     rank, processes = shared_by(fabric)
     per_client: dict[int, dict[str, float]] = {}
     problem = None
-    for client, state in sorted(personal.items())[rank::processes]:
+    # one state read at a time: a ``PersonalStore`` may hold them on disk
+    for client in sorted(personal)[rank::processes]:
         loader = datamodule.client_dataloader(client, "test")
         if len(loader) > 0:
             try:
-                per_client[client] = evaluate_state(model, fabric, state, loader)
+                per_client[client] = evaluate_state(model, fabric, personal[client], loader)
             except ConfigError as err:  # a data error: raised below on every process, not only here
                 if processes == 1:
                     raise

@@ -22,12 +22,14 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from fedilora.aggregation import Aggregator, ClientUpdate, State, nbytes, sample_weights, weighted_average
 from fedilora.errors import ConfigError
+from fedilora.personal import Personal, PersonalStore
 from fedilora.privacy.dp import DifferentialPrivacy
 from fedilora.privacy.rounds import add_contributions, contribution, release
 from fedilora.privacy.secagg import SecureAggregation
@@ -36,8 +38,6 @@ NOISE_STREAM = -2  # the "client id" of the server's privacy noise in ``client_s
 POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
 #: the robust norm rule needs this many finite updates in a round for its median to mean something
 MIN_UPDATES_FOR_MEDIAN = 3
-
-Personal = tuple[int, State, State]  # (rank, lora, extra) of one client's personalized model
 
 
 def strategy_name(obj: object) -> str:
@@ -236,6 +236,7 @@ class FederatedServer:
             norm, with at least ``MIN_UPDATES_FOR_MEDIAN`` updates (None: off).
         privacy: Client-level differential privacy of the aggregate (``setup`` already called).
         secure_aggregation: Sum the clients' contributions from pairwise-masked vectors only.
+        personal: Where the personalized states are kept (default: all in RAM).
     """
 
     def __init__(
@@ -252,13 +253,14 @@ class FederatedServer:
         update_norm_factor: float | None = 10.0,
         privacy: DifferentialPrivacy | None = None,
         secure_aggregation: SecureAggregation | None = None,
+        personal: PersonalStore | None = None,
     ) -> None:
         self.aggregator, self.ranks, self.per_round = aggregator, list(ranks), per_round
         self.global_rank, self.seed = global_rank, seed
         self.min_clients_per_round = min_clients_per_round
         self.max_update_norm, self.update_norm_factor = max_update_norm, update_norm_factor
         self.global_lora, self.global_extra = global_lora, global_extra
-        self.personal: dict[int, Personal] = {}
+        self.personal = personal if personal is not None else PersonalStore()
         self.privacy, self.secure_aggregation = privacy, secure_aggregation
 
     @property
@@ -385,18 +387,18 @@ class FederatedServer:
         return RoundResult(round, updates, rejected, skipped, privacy=privacy, uploaded=uploaded)
 
     # --------------------------------------------------------------------------------- evaluation
-    def global_models(self) -> list[Personal]:
+    def global_models(self) -> Sequence[Personal]:
         """The models evaluated as "global": the global state; under ``Local`` (nothing shared) every
-        client's own model, whose figures are averaged."""
+        client's own model, whose figures are averaged (read from the store one at a time)."""
         if self.aggregator.communicates or self.aggregator.pooled:
             return [(self.global_rank, self.global_lora, self.global_extra)]
-        return list(self.personal.values())
+        return _Values(self.personal)
 
-    def personalized_models(self, num_clients: int) -> dict[int, Personal]:
+    def personalized_models(self, num_clients: int) -> Mapping[int, Personal]:
         """Every client's personalized model; ``Centralized`` has none: its pooled model stands for each."""
         if self.aggregator.pooled:
             return dict.fromkeys(range(num_clients), (self.global_rank, self.global_lora, self.global_extra))
-        return dict(sorted(self.personal.items()))
+        return self.personal
 
     # ---------------------------------------------------------------------------------- checkpoints
     def merged_modules(self) -> list[str]:
@@ -409,19 +411,16 @@ class FederatedServer:
         return {
             "global_lora": self.global_lora,
             "global_extra": self.global_extra,
-            "personal": {str(c): {"rank": r, "lora": lo, "extra": ex} for c, (r, lo, ex) in self.personal.items()},
+            "personal": self.personal.snapshot(),  # the checkpoint writer turns it into tensors and file names
             "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else {},
             "privacy": self.privacy.state_dict() if self.privacy is not None else {},
         }
 
-    def load_state_dict(self, state: Mapping, device: torch.device | str = "cpu") -> None:
+    def load_state_dict(self, state: Mapping, device: torch.device | str = "cpu", folder: Path | None = None) -> None:
+        """``folder``: the checkpoint's, which the files of spilled personalized states are relative to."""
         self.global_lora = {k: v.to(device) for k, v in state["global_lora"].items()}
         self.global_extra = {k: v.to(device) for k, v in state["global_extra"].items()}
-        self.personal = {
-            int(c): (p["rank"], {k: v.to(device) for k, v in p["lora"].items()},
-                     {k: v.to(device) for k, v in p["extra"].items()})
-            for c, p in state["personal"].items()
-        }  # fmt: skip
+        self.personal.load(state["personal"], folder)  # on the CPU, as the round step keeps them
         if hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(state["aggregator"])
         if self.privacy is not None:  # the accountant goes on from the checkpoint: epsilon stays exact
@@ -439,6 +438,19 @@ def run_problem(skipped: Sequence[bool], rounds: int) -> str | None:
         f"{what}: too few healthy client updates to aggregate (see the warnings above for each client's "
         "reason); the global model is not trained as configured"
     )
+
+
+class _Values(Sequence):
+    """A store's states as a sequence, each read when asked for (not all held at once)."""
+
+    def __init__(self, store: PersonalStore) -> None:
+        self.store, self.clients = store, list(store)
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.store[self.clients[i]]
 
 
 def _cpu(state: Mapping[str, Tensor]) -> State:

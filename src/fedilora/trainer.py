@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from fedilora.callbacks import FederatedCallback
 from fedilora.checkpoint import (
     Stopped,
     check_resumable,
+    checkpoint_path,
     find_last,
     load_checkpoint,
     make_fingerprint,
@@ -40,6 +42,7 @@ from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.output import RunOutput, run_results
+from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore, Snapshot
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.server import (
     POOLED,
@@ -86,6 +89,9 @@ class FederatedTrainer:
             noise per rank dimension, epsilon accounting and budget.
         secure_aggregation: Aggregate from pairwise-masked updates only
             (``fedilora.privacy.SecureAggregation``).
+        personal_memory_mb: RAM for the clients' personalized states (MiB); past it the least recently
+            used are spilled to safetensors files in the run folder (``personal/``) and read back when
+            needed, with the same results (``fedilora.personal``). null: no limit, all in RAM.
     """
 
     def __init__(
@@ -115,6 +121,7 @@ class FederatedTrainer:
         progress: bool = True,
         privacy: DifferentialPrivacy | None = None,
         secure_aggregation: SecureAggregation | None = None,
+        personal_memory_mb: float | None = DEFAULT_MEMORY_MB,
     ) -> None:
         self.init_args = {k: v for k, v in locals().items() if k != "self"}  # fingerprinted in checkpoints
         for option, value, low in (
@@ -147,6 +154,8 @@ class FederatedTrainer:
             raise ConfigError(f"trainer.checkpoint_every: must be >= 1 or null, got {checkpoint_every}")
         if keep_last < 1:
             raise ConfigError(f"trainer.keep_last: must be >= 1, got {keep_last}")
+        if personal_memory_mb is not None and not personal_memory_mb >= 0:
+            raise ConfigError(f"trainer.personal_memory_mb: must be >= 0 or null (no limit), got {personal_memory_mb}")
         if not isinstance(aggregator, Aggregator):
             raise ConfigError(f"trainer.aggregator: {aggregator!r} is not a fedilora.aggregation.Aggregator")
         self.rounds, self.clients_per_round, self.ranks = rounds, clients_per_round, ranks
@@ -159,6 +168,7 @@ class FederatedTrainer:
         self.min_clients_per_round, self.max_update_norm = min_clients_per_round, max_update_norm
         self.update_norm_factor = update_norm_factor
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
+        self.personal_memory_mb = personal_memory_mb
         self._interrupted = False
         self.root_dir, self.name = root_dir, name
         logger = TensorBoardLogger(root_dir=root_dir, name=name)
@@ -193,8 +203,8 @@ class FederatedTrainer:
         return self.server.global_extra if self.server is not None else {}
 
     @property
-    def personal(self) -> dict[int, Personal]:
-        """Every client's personalized ``(rank, lora, extra)``, by client id."""
+    def personal(self) -> Mapping[int, Personal]:
+        """Every client's personalized ``(rank, lora, extra)``, by client id (a ``PersonalStore``)."""
         return self.server.personal if self.server is not None else {}
 
     # ------------------------------------------------------------------------------ setup
@@ -216,7 +226,10 @@ class FederatedTrainer:
         )
         return ranks, per_round, self.global_lora_rank or max(ranks)
 
-    def _setup_server(self, model: LoRACLIPClassifier, ranks: list[int], per_round: int, global_rank: int) -> None:
+    def _setup_server(
+        self, model: LoRACLIPClassifier, ranks: list[int], per_round: int, global_rank: int, spill: bool = True
+    ) -> None:
+        """``spill``: the personalized states may be written to the run folder (not when only reading a checkpoint)."""
         self.aggregator.setup(scale=model.lora_scale)
         name = strategy_name(self.aggregator)
         if self.privacy is not None:
@@ -236,6 +249,7 @@ class FederatedTrainer:
             update_norm_factor=self.update_norm_factor,
             privacy=self.privacy,
             secure_aggregation=self.secure_aggregation,
+            personal=self._personal_store(spill),
         )
 
     def launch(self) -> None:
@@ -247,6 +261,15 @@ class FederatedTrainer:
             raise ConfigError(
                 f"trainer.devices/num_nodes (or the launcher's environment): {str(err).splitlines()[0]}"
             ) from None
+
+    def _personal_store(self, spill: bool) -> PersonalStore:
+        budget = None if self.personal_memory_mb is None else int(self.personal_memory_mb * 2**20)
+        directory = None
+        if spill and budget is not None:  # each process spills its own copy of the states
+            directory = self.log_dir / "personal"
+            if self.fabric.world_size > 1:
+                directory = directory / f"rank_{self.fabric.global_rank}"
+        return PersonalStore(directory, budget)
 
     # --------------------------------------------------------------------------------- fit
     def fit(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict:
@@ -305,6 +328,9 @@ class FederatedTrainer:
                         self.checkpoint_every and (round_ + 1) % self.checkpoint_every == 0
                     ):
                         self.save_checkpoint(self._snapshot)
+                    # older snapshots are gone: files of replaced states that no kept checkpoint names can go
+                    kept = (self.log_dir / "checkpoints").glob("round-*.ckpt")
+                    self.server.personal.collect(str(p) for p in kept)
                     self._bar.update(1)
             except (KeyboardInterrupt, Interrupted):
                 self._bar.close()
@@ -357,7 +383,7 @@ class FederatedTrainer:
         torch.manual_seed(self.seed)
         model.configure_model()
         model.add_ranks([*ranks, global_rank])
-        self._setup_server(model, ranks, per_round, global_rank)
+        self._setup_server(model, ranks, per_round, global_rank, spill=False)
         self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
         completed = self._restore(model, ckpt_path)
         root = Path(out)
@@ -409,13 +435,19 @@ class FederatedTrainer:
         }
 
     def save_checkpoint(self, state: dict) -> Path:
-        return self.output.save_checkpoint(self.fabric, state, self.keep_last)
+        """Personalized states in RAM go into the checkpoint; spilled ones by file name (see ``fedilora.personal``)."""
+        snapshot: Snapshot = state["personal"]
+        folder = checkpoint_path(self.log_dir, state["completed_rounds"]).parent
+        path = self.output.save_checkpoint(self.fabric, {**state, "personal": snapshot.to_checkpoint(folder)},
+                                           self.keep_last)  # fmt: skip
+        self.server.personal.pin(str(path), snapshot)
+        return path
 
     def _restore(self, model: LoRACLIPClassifier, ckpt_path: str) -> int:
         path = find_last(self.root_dir, self.name) if ckpt_path == "last" else Path(ckpt_path)
         state = load_checkpoint(self.fabric, path)
         check_resumable(path, state, self._fingerprint, self.rounds)
-        self.server.load_state_dict(state, self.fabric.device)
+        self.server.load_state_dict(state, self.fabric.device, path.parent)
         model.load_base_weights(state["base_weights"])
         self.history = list(state["history"])
         torch.set_rng_state(state["rng"]["torch"])

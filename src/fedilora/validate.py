@@ -25,6 +25,7 @@ from fedilora.data.datamodule import CONDITIONS, Condition, FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.model import LoRACLIPClassifier, State
+from fedilora.personal import PersonalStore
 
 if TYPE_CHECKING:
     from fedilora.trainer import FederatedTrainer
@@ -59,7 +60,9 @@ def from_checkpoint(trainer: FederatedTrainer, ckpt_path: str) -> Models:
     path = find_last(trainer.root_dir, trainer.name) if ckpt_path == "last" else Path(ckpt_path)
     state = load_checkpoint(trainer.fabric, path)
     config = state["fingerprint"]["config"]  # the run's resolved config, flat: {"trainer.seed": 0, ...}
-    personal = {int(c): (p["rank"], p["lora"], p["extra"]) for c, p in state["personal"].items()}
+    store = PersonalStore()
+    store.load(state["personal"], path.parent)  # a spilled state's file is checked, then read here
+    personal = dict(store.items())
     global_rank = max(v.shape[0] for k, v in state["global_lora"].items() if rank_axis(k) == 0)
     ranks = config.get("trainer.ranks", global_rank)
     aggregator = config.get("trainer.aggregator.class_path", config.get("trainer.aggregator"))

@@ -336,7 +336,7 @@ class FlowerTrainer(FederatedTrainer):
 
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:
         metrics = evaluate_global(model, self.fabric, datamodule, self.server.global_models())
-        personal: dict[int, Personal] = self.server.personalized_models(datamodule.num_clients)
+        personal: Mapping[int, Personal] = self.server.personalized_models(datamodule.num_clients)
         if self.secure_aggregation is not None:  # the personalized models are on the clients
             personal = {client: (rank, {}, {}) for client, rank in sorted(self._kept.items())}
         messages = {
