@@ -30,7 +30,9 @@ EPSILONS = [None, 8.0, 4.0, 1.0]
 def run(root: Path, name: str, clients: int, rounds: int, epsilon: float | None, secure: bool) -> dict:
     ranks = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4] * (clients // 10)
     args = [
-        "fit", "--config", str(ROOT / "configs" / "demo.yaml"),
+        "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.aggregator", "DimensionWise",
+        "--trainer.callbacks", json.dumps([{"class_path": "fedilora.editing.ModelEditing", "init_args": {
+            "keys": "lora_A", "num_edits": 1, "threshold": 0.95, "blend": "similarity"}}]),
         "--data.num_clients", str(clients), "--trainer.ranks", json.dumps(ranks),
         "--trainer.clients_per_round", str(clients // 10), "--trainer.rounds", str(rounds),
         "--trainer.eval_every", str(rounds), "--trainer.progress", "false", "--trainer.checkpoint_every", "null",

@@ -37,6 +37,7 @@ DP = [
     "--trainer.privacy.init_args.adaptive_clipping=true",
 ]
 OVERRIDES = [
+    "--trainer.aggregator=DimensionWise",  # the paper's rule: masking needs its streaming sums
     "--data.num_clients=3",
     "--trainer.clients_per_round=3",
     "--data.dataset.init_args.num_train=150",
