@@ -117,8 +117,8 @@ def _fit(tmp_path, num_workers: int) -> tuple[dict, FederatedDataModule]:
     reads = []
     original = FederatedDataModule._loader
 
-    def counting(self, view, split, generator):
-        loader = original(self, view, split, generator)
+    def counting(self, view, split, generator, *shard):
+        loader = original(self, view, split, generator, *shard)
         reads.append(type(loader).__name__)
         return loader
 
