@@ -33,6 +33,7 @@ import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from fedilora.atomic import write_atomically
 from fedilora.errors import ConfigError
 
 FORMAT = "fedilora-checkpoint-v2"
@@ -86,19 +87,7 @@ class BesideTargetCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(temporary, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                temporary.unlink()
-            raise
+        write_atomically(Path(path), lambda handle: torch.save(checkpoint, handle))
 
 
 def _digest(value: Any, hasher: Any) -> None:

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from fedilora.atomic import write_atomically
 from fedilora.errors import ConfigError
 
 State = dict[str, Tensor]
@@ -261,19 +262,3 @@ def check_file(path: Path, size: int, sha256: str) -> None:
             f"--ckpt_path: {path} (a client's personalized state) is damaged: its size or SHA-256 differs from "
             "what the checkpoint recorded"
         )
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """``data`` to a temporary file beside ``path``, then renamed into place: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temporary.unlink()
-        raise
