@@ -1,6 +1,6 @@
 """Privacy–utility of FediLoRA with client-level DP, and the cost of secure aggregation.
 
-The design, fixed before any result was seen: the embedded benchmark (configs/demo.yaml's model and
+The design, fixed before any result was seen: the embedded benchmark (configs/fedilora_paper.yaml's model and
 data) spread over 100 clients (ranks: the paper's [32, 32, 16, 16, 8, 8, 4, 4, 4, 4] ten times), 10
 sampled per round (q = 0.1), 30 rounds, DimensionWise + ModelEditing, adaptive clipping from C = 0.1
 towards the median update norm. epsilon in {inf, 8, 4, 1} at delta = 1e-5: the noise multiplier is the
@@ -30,9 +30,8 @@ EPSILONS = [None, 8.0, 4.0, 1.0]
 def run(root: Path, name: str, clients: int, rounds: int, epsilon: float | None, secure: bool) -> dict:
     ranks = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4] * (clients // 10)
     args = [
-        "fit", "--config", str(ROOT / "configs" / "demo.yaml"), "--trainer.aggregator", "DimensionWise",
-        "--trainer.callbacks", json.dumps([{"class_path": "fedilora.editing.ModelEditing", "init_args": {
-            "keys": "lora_A", "num_edits": 1, "threshold": 0.95, "blend": "similarity"}}]),
+        # the old demo config: the paper's FediLoRA (DP needs DimensionWise's streaming sums), model and data
+        "fit", "--config", str(ROOT / "configs" / "fedilora_paper.yaml"),
         "--data.num_clients", str(clients), "--trainer.ranks", json.dumps(ranks),
         "--trainer.clients_per_round", str(clients // 10), "--trainer.rounds", str(rounds),
         "--trainer.eval_every", str(rounds), "--trainer.progress", "false", "--trainer.checkpoint_every", "null",

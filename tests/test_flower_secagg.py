@@ -167,19 +167,25 @@ def assert_nothing_in_the_clear(log: list[tuple[Message, Message]]) -> None:
     assert {"train", "train.mask"} <= kinds
 
 
-@pytest.mark.slow
-def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
-    """(1) FediLoRA with secure aggregation, ranks 8/4/2, 2 rounds: the ClientApps mask, the server sums
-    masked vectors only, and the global adapter, head and every comparable metric equal ``fedilora fit``'s
-    (whose server masks in one process). (3) No TRAIN reply carries an array."""
-    overrides = [*OVERRIDES, SECURE]
+def masked_run_equals_fit(tmp_path, overrides: list[str]) -> tuple[LocalGrid, dict]:
+    """``fedilora fit`` and the in-process Flower run of ``overrides``: their global adapter and head after
+    each of the 2 rounds, and their histories, are equal; the Flower grid and last checkpoint are returned."""
     fit = fit_reference(tmp_path, "fit", overrides)
     grid = LocalGrid(3)
     flower = flower_in_process(tmp_path, "flower", overrides, grid)
     for rounds in (1, 2):
         assert_same_globals(load(fit, rounds), load(flower, rounds))
-    a, b = load(fit, 2), load(flower, 2)
-    assert_same_history(a["history"], b["history"])
+    last = load(flower, 2)
+    assert_same_history(load(fit, 2)["history"], last["history"])
+    return grid, last
+
+
+@pytest.mark.slow
+def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
+    """(1) FediLoRA with secure aggregation, ranks 8/4/2, 2 rounds: the ClientApps mask, the server sums
+    masked vectors only, and the global adapter, head and every comparable metric equal ``fedilora fit``'s
+    (whose server masks in one process). (3) No TRAIN reply carries an array."""
+    grid, b = masked_run_equals_fit(tmp_path, [*OVERRIDES, SECURE])
     assert b["history"][-1]["personalized/num_clients"] == 3.0  # evaluated on the clients, from what they kept
     assert b["personal"] == {}  # the server never held a personalized model
     assert [h["secagg/passes"] for h in b["history"]] == [1.0, 1.0]
@@ -194,14 +200,7 @@ def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
 def test_masked_flower_round_with_dp_equals_fit_bit_for_bit(tmp_path):
     """(2) DP (adaptive clipping on the clients with the server's clip norm, noise at the server) and
     secure aggregation: the same global adapter, head, clip norms and epsilon as ``fedilora fit``."""
-    overrides = [*OVERRIDES, SECURE, *DP]
-    fit = fit_reference(tmp_path, "fit", overrides)
-    grid = LocalGrid(3)
-    flower = flower_in_process(tmp_path, "flower", overrides, grid)
-    for rounds in (1, 2):
-        assert_same_globals(load(fit, rounds), load(flower, rounds))
-    a, b = load(fit, 2), load(flower, 2)
-    assert_same_history(a["history"], b["history"])
+    grid, b = masked_run_equals_fit(tmp_path, [*OVERRIDES, SECURE, *DP])
     clip = [h["privacy/clip_norm"] for h in b["history"]]
     assert clip[0] == 0.05 and clip[1] != clip[0]  # adaptive clipping moved the norm the clients clip with
     train = [m for m, _ in grid.log if m.metadata.message_type == "train"]
