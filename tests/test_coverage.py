@@ -60,3 +60,31 @@ def test_delta_average_is_fedavg_of_updates_with_frozen_dimensions():
     fedavg = weighted_average(padded, torch.tensor(counts, dtype=torch.float64))
     for key in previous:
         torch.testing.assert_close(out[key], fedavg[key])
+
+
+def test_the_stream_equals_the_closed_form_in_any_split():
+    g = torch.Generator().manual_seed(2)
+    previous = lora_pair("m", 8, 6, 5, g)
+    ranks, counts = [8, 2, 4, 2, 8], [40, 25, 35, 10, 5]
+    updates = [
+        ClientUpdate(k, r, n, {key: torch.randn(v.shape, generator=g) for key, v in truncate(previous, r).items()}, {})
+        for k, (r, n) in enumerate(zip(ranks, counts, strict=True))
+    ]
+    closed = dimension_wise_delta_average(
+        previous, [u.lora for u in updates], ranks, torch.tensor(counts, dtype=torch.float64)
+    )
+    aggregator = DimensionWiseDelta()
+    streamed = aggregator.aggregate(previous, reversed(updates))
+    left, right = aggregator.begin(previous), aggregator.begin(previous)
+    for u in updates[:2]:
+        left.add(u)
+    for u in updates[2:]:
+        right.add(u)
+    assert left.total == 65.0 and right.total == 50.0
+    merged = aggregator.finish(left.merge(right))
+    for key in previous:
+        torch.testing.assert_close(streamed[key], closed[key])
+        torch.testing.assert_close(merged[key], closed[key])
+    nothing = aggregator.finish(aggregator.begin(previous))
+    for key in previous:
+        assert torch.equal(nothing[key], previous[key])  # no update: the previous adapter

@@ -37,7 +37,7 @@ DP = [
     "--trainer.privacy.init_args.adaptive_clipping=true",
 ]
 OVERRIDES = [
-    "--trainer.aggregator=DimensionWise",  # the paper's rule: masking needs its streaming sums
+    "--trainer.aggregator=DimensionWise",  # the paper's rule; the DP tests run the default, DimensionWiseDelta
     "--data.num_clients=3",
     "--trainer.clients_per_round=3",
     "--data.dataset.init_args.num_train=150",
@@ -50,6 +50,7 @@ OVERRIDES = [
     "--trainer.checkpoint_every=1",
     "--trainer.keep_last=10",
 ]
+DEFAULT = OVERRIDES[1:]  # demo.yaml's aggregator: DimensionWiseDelta
 
 
 @pytest.fixture(autouse=True)
@@ -200,7 +201,7 @@ def test_masked_flower_round_equals_fit_bit_for_bit(tmp_path):
 def test_masked_flower_round_with_dp_equals_fit_bit_for_bit(tmp_path):
     """(2) DP (adaptive clipping on the clients with the server's clip norm, noise at the server) and
     secure aggregation: the same global adapter, head, clip norms and epsilon as ``fedilora fit``."""
-    grid, b = masked_run_equals_fit(tmp_path, [*OVERRIDES, SECURE, *DP])
+    grid, b = masked_run_equals_fit(tmp_path, [*DEFAULT, SECURE, *DP])
     clip = [h["privacy/clip_norm"] for h in b["history"]]
     assert clip[0] == 0.05 and clip[1] != clip[0]  # adaptive clipping moved the norm the clients clip with
     train = [m for m, _ in grid.log if m.metadata.message_type == "train"]
@@ -281,7 +282,7 @@ def test_simulation_engine_with_dp_and_secure_aggregation_equals_fit(federation,
     """The same as the DP test above on Flower's simulation engine (Ray workers, the node state kept by
     the engine between messages): the global adapter, head and comparable metrics equal ``fedilora fit``'s
     bit for bit, and the server's checkpoint holds no personalized model."""
-    overrides = [*OVERRIDES, SECURE, *DP]
+    overrides = [*DEFAULT, SECURE, *DP]
     fit = fit_reference(tmp_path, "fit", overrides)
     federation.simulation = True
     federation.start_superlink()

@@ -9,6 +9,7 @@ import torch
 
 from fedilora.aggregation import ClientUpdate, DimensionWise, FedAvg
 from fedilora.baselines import FLoRA, HetLoRA
+from fedilora.coverage import DimensionWiseDelta
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
@@ -65,6 +66,24 @@ def test_without_noise_dp_is_the_unweighted_dimension_wise_mean_of_clipped_delta
     assert torch.allclose(server.global_extra["head.weight"], before_extra["head.weight"] + head, atol=1e-5)
 
 
+def test_without_noise_dp_with_delta_averages_clipped_deltas_over_every_sampled_client():
+    # DimensionWiseDelta counts a client without a dimension as a zero delta there: every row / K
+    server = _server(DimensionWiseDelta(), privacy=DifferentialPrivacy(clip_norm=100.0, noise_multiplier=1e-12))
+    before_lora, before_extra = dict(server.global_lora), dict(server.global_extra)
+    updates = _updates(before_lora, before_extra)
+    server.aggregate(0, updates)
+    a = [u.lora["m.lora_A.weight"] - before_lora["m.lora_A.weight"][: u.rank] for u in updates]
+    expected = before_lora["m.lora_A.weight"].clone()
+    expected[:2] += (a[0][:2] + a[1] + a[2]) / 3
+    expected[2:] += a[0][2:] / 3
+    assert torch.allclose(server.global_lora["m.lora_A.weight"], expected, atol=1e-5)
+    b = [u.lora["m.lora_B.weight"] - before_lora["m.lora_B.weight"][:, : u.rank] for u in updates]
+    expected_b = before_lora["m.lora_B.weight"].clone()
+    expected_b[:, :2] += (b[0][:, :2] + b[1] + b[2]) / 3
+    expected_b[:, 2:] += b[0][:, 2:] / 3
+    assert torch.allclose(server.global_lora["m.lora_B.weight"], expected_b, atol=1e-5)
+
+
 def test_clipping_bounds_each_clients_influence():
     privacy = DifferentialPrivacy(clip_norm=0.01, noise_multiplier=1e-12)
     server = _server(privacy=privacy, ranks=(4,))
@@ -77,11 +96,15 @@ def test_clipping_bounds_each_clients_influence():
     assert moved == pytest.approx(0.01, rel=1e-3)
 
 
-def test_noise_std_per_rank_dimension_is_sigma_c_over_coverage():
+@pytest.mark.parametrize(
+    ("aggregator", "divisors"),
+    [(DimensionWise, [3, 3, 1, 1]), (DimensionWiseDelta, [3, 3, 3, 3])],  # n_i covering clients / all K
+)
+def test_noise_std_per_rank_dimension_is_sigma_c_over_the_divisor(aggregator, divisors):
     sigma, clip = 2.0, 0.5
     samples = []
     for round_ in range(300):
-        server = _server(privacy=DifferentialPrivacy(clip_norm=clip, noise_multiplier=sigma))
+        server = _server(aggregator(), privacy=DifferentialPrivacy(clip_norm=clip, noise_multiplier=sigma))
         updates = _updates(server.global_lora, server.global_extra)
         for u in updates:  # no change: whatever moves the global is the noise
             u.lora = server.aggregator.broadcast(server.global_lora, u.rank)
@@ -90,16 +113,19 @@ def test_noise_std_per_rank_dimension_is_sigma_c_over_coverage():
         server.aggregate(round_, updates)
         samples.append(server.global_lora["m.lora_A.weight"] - before)
     std = torch.stack(samples).double().std(dim=0).mean(dim=1)  # per rank dimension
-    expected = torch.tensor([sigma * clip / 3] * 2 + [sigma * clip / 1] * 2, dtype=torch.float64)
+    expected = torch.tensor([sigma * clip / n for n in divisors], dtype=torch.float64)
     # 300 rounds x 3 columns: the std estimate is within ~5% (2 standard errors); 12% leaves a margin
     assert torch.allclose(std, expected, rtol=0.12), (std, expected)
 
 
-def test_secure_aggregation_gives_the_plain_aggregate():
-    plain, masked = _server(), _server(secure=SecureAggregation())
-    updates = _updates(plain.global_lora, plain.global_extra)
+@pytest.mark.parametrize("aggregator", [DimensionWise, DimensionWiseDelta, FedAvg])
+def test_secure_aggregation_gives_the_plain_aggregate(aggregator):
+    ranks = (4, 4, 4) if aggregator is FedAvg else (4, 2, 2)
+    plain, masked = _server(aggregator(), ranks=ranks), _server(aggregator(), secure=SecureAggregation(), ranks=ranks)
+    updates = _updates(plain.global_lora, plain.global_extra, ranks=ranks)
     plain.aggregate(0, updates)
     result = masked.aggregate(0, updates)
+    assert not torch.equal(plain.global_lora["m.lora_A.weight"], _global()[0]["m.lora_A.weight"])
     for key in plain.global_lora:
         assert torch.allclose(masked.global_lora[key], plain.global_lora[key], atol=1e-6)
     assert torch.allclose(masked.global_extra["head.weight"], plain.global_extra["head.weight"], atol=1e-6)

@@ -362,12 +362,15 @@ class Accumulator:
 class DimensionAccumulator(Accumulator):
     """Per-dimension sums and weights of the LoRA tensors (FediLoRA): ``lora`` is a :class:`WeightedSums`.
 
-    ``contribution`` says how an update counts: weight n_k on its first r_k dimensions.
+    ``contribution`` says how an update counts: weight n_k on its first r_k dimensions. ``total`` is the
+    weight of every update added, whatever its rank (what a rule that counts a missing dimension as no
+    change divides by).
     """
 
     def __init__(self, previous: Mapping[str, Tensor], previous_extra: Mapping[str, Tensor] | None = None) -> None:
         super().__init__(previous, previous_extra)
         self.lora = WeightedSums.zeros(previous)
+        self.total = 0.0
 
     def contribution(self, update: ClientUpdate) -> tuple[float, int | None]:
         """(weight, covered rank dimensions) of ``update``'s LoRA tensors; None covers all (zero padding)."""
@@ -376,9 +379,11 @@ class DimensionAccumulator(Accumulator):
     def _add_lora(self, update: ClientUpdate, source: str) -> None:
         weight, covers = self.contribution(update)
         self.lora.add(update.lora, weight, covers, source, check=False)  # checked by add, at the update's rank
+        self.total += weight
 
     def _merge_lora(self, other: Accumulator) -> None:
         self.lora.merge(other.lora)
+        self.total += other.total
 
     def nbytes(self) -> int:
         return super().nbytes() + nbytes(self.lora.sums) + self.lora.weight.nbytes

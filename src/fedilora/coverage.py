@@ -16,6 +16,12 @@ which is FedAvg of the rank-R adapter where a rank-r client's dimensions >= r we
 broadcast values (exact, because each client starts from the truncation of A_prev). With equal ranks it
 is FedAvg; a dimension covered by clients holding a fraction m_i of the round's samples moves by m_i
 times its FediLoRA step: m_i A_dw[i] + (1 - m_i) A_prev[i], with A_dw FediLoRA's renormalised average.
+
+In streaming form (``begin``/``finish``) it needs FediLoRA's per-dimension sums S_i = sum_{k in C_i} w_k A_k[i]
+and weights W_i plus one number more, the total weight W = sum_k w_k of every update:
+A_g[i] = (S_i + (W - W_i) A_prev[i]) / W. So differential privacy (clipped deltas, weight 1 each: the step
+is the noised sum over the round's client count, sigma C / K on every dimension) and secure aggregation
+(masked S, W_i and counts) work on it as on FediLoRA's sums.
 """
 
 from __future__ import annotations
@@ -26,12 +32,12 @@ import torch
 from torch import Tensor
 
 from fedilora.aggregation import (
+    Accumulator,
     Aggregator,
-    ClientUpdate,
+    DimensionAccumulator,
     State,
     dimension_wise_average,
     rank_axis,
-    sample_weights,
 )
 
 
@@ -67,7 +73,21 @@ class DimensionWiseDelta(Aggregator):
     See :mod:`fedilora.coverage`. Equal ranks: FedAvg; one client: that client.
     """
 
-    def aggregate(self, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> State:
-        return dimension_wise_delta_average(
-            global_lora, [u.lora for u in updates], [u.rank for u in updates], sample_weights(updates)
-        )
+    def begin(
+        self, global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor] | None = None
+    ) -> DimensionAccumulator:
+        return DimensionAccumulator(global_lora, global_extra)
+
+    def finish(self, acc: Accumulator) -> State:
+        """m_i A_dw[i] + (1 - m_i) A_prev[i] with m_i = W_i / W: the closed form's operations, with A_dw
+        FediLoRA's own streaming average."""
+        acc.close()
+        mass = acc.lora.weight / acc.total if acc.total > 0 else torch.zeros_like(acc.lora.weight)
+        averaged = acc.lora.average(acc.previous)
+        out = {}
+        for key, prev in acc.previous.items():
+            axis = rank_axis(key)
+            m = mass[: prev.shape[axis]].to(prev.dtype)
+            m = m.view(-1, 1) if axis == 0 else m.view(1, -1)
+            out[key] = m * averaged[key] + (1 - m) * prev
+        return out

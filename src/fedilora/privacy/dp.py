@@ -11,6 +11,9 @@ The new global value of rank dimension i is previous_i + (S_i + noise_i) / n_i, 
 the average there has std sigma * C / n_i: it is calibrated to how many clients cover the dimension.
 Noising the average with one std sigma * C / K, as if every coordinate averaged all K clients, gives
 the dimensions that only a few high-rank clients train far less noise than the guarantee needs.
+``DimensionWiseDelta`` counts a client without dimension i as a zero delta there, so its step is
+(S_i + noise_i) / K on every dimension: the same guarantee, with noise sigma * C / K everywhere (its
+steps on the high-rank dimensions are smaller by n_i / K instead).
 Uniform weights replace p_k = n_k / sum n_j because sample counts are private and unbounded.
 """
 
@@ -119,7 +122,6 @@ UNSUPPORTED = {
     "sensitivity of the aggregate is unbounded",
     "FLoRA": "it stacks every client's factors into the global adapter, releasing each update as it is",
     "FlexLoRA": "its SVD re-factorisation needs every client's factors and is not a sum of clipped updates",
-    "DimensionWiseDelta": "its per-dimension average over every sampled client is not wired to the noised sums yet",
     "Local": "nothing is shared, so there is nothing to privatise",
     "Centralized": "it pools the raw data: there is no client update to privatise",
 }
@@ -129,7 +131,8 @@ class DifferentialPrivacy:
     """Client-level differential privacy of the released global model (``trainer.privacy`` in YAML).
 
     Works with ``DimensionWise`` (each rank dimension averaged over the clients that have it, noise
-    sigma * C / n_i) and ``FedAvg``; refuses the aggregators of ``UNSUPPORTED`` with the reason.
+    sigma * C / n_i), ``DimensionWiseDelta`` (averaged over all K sampled clients, noise sigma * C / K)
+    and ``FedAvg``; refuses the aggregators of ``UNSUPPORTED`` with the reason.
 
     Args:
         clip_norm: C, the L2 bound of one client's update (LoRA delta padded to the global rank, and

@@ -131,21 +131,45 @@ def release(
     privacy: DifferentialPrivacy | None,
     generator: torch.Generator,
 ) -> tuple[State, State, dict[str, float]]:
-    """The next global adapter and head from the round's summed contributions, and privacy figures."""
+    """The next global adapter and head from the round's summed contributions, and privacy figures.
+
+    The aggregator's own ``finish`` turns the sums into the result. Without privacy the sums are its
+    weighted sums, so it starts from the global adapter. Under privacy they are clipped deltas of weight
+    1 each, noised here: ``finish`` from a zero adapter turns them into the step (``DimensionWise``: the
+    noised sum over the n_i clients that cover dimension i; ``DimensionWiseDelta``: over the round's K).
+    """
     lora = _sums(totals, "lora", global_lora, ranked=True)
     extra = _sums(totals, "extra", global_extra, ranked=False)
+    count, num_samples = int(totals["count"].item()), float(totals["num_samples"].item())
     if privacy is None:
-        acc = aggregator.begin(global_lora, global_extra)
-        acc.lora.merge(lora)
-        acc.extra.merge(extra)
-        acc.count, acc.num_samples = int(totals["count"].item()), round(totals["num_samples"].item())
+        acc = _accumulator(aggregator, global_lora, global_extra, lora, extra, total=num_samples)
+        acc.count, acc.num_samples = count, round(num_samples)
         return aggregator.finish(acc), aggregator.finish_extra(acc), {}
     lora.sums = privacy.noise(lora.sums, generator)
     extra.sums = privacy.noise(extra.sums, generator)
-    lora_step = lora.average({k: torch.zeros_like(v) for k, v in global_lora.items()})
-    extra_step = extra.average({k: torch.zeros_like(v) for k, v in global_extra.items()})
+    zero_lora = {k: torch.zeros_like(v) for k, v in global_lora.items()}
+    zero_extra = {k: torch.zeros_like(v) for k, v in global_extra.items()}
+    acc = _accumulator(aggregator, zero_lora, zero_extra, lora, extra, total=float(count))
+    lora_step, extra_step = aggregator.finish(acc), aggregator.finish_extra(acc)
     new_lora = {k: global_lora[k] + lora_step[k].to(global_lora[k]) for k in global_lora}
     new_extra = {k: global_extra[k] + extra_step[k].to(global_extra[k]) for k in global_extra}
-    count = int(totals["count"].item())
     metrics = privacy.after_round(float(totals["unclipped"].item()), count, generator)
     return new_lora, new_extra, metrics
+
+
+def _accumulator(
+    aggregator: Aggregator,
+    previous_lora: Mapping[str, Tensor],
+    previous_extra: Mapping[str, Tensor],
+    lora: WeightedSums,
+    extra: WeightedSums,
+    total: float,
+) -> DimensionAccumulator:
+    """The aggregator's accumulator holding sums taken elsewhere (``total``: the weight of all of them)."""
+    acc = aggregator.begin(previous_lora, previous_extra)
+    if not isinstance(acc, DimensionAccumulator):
+        raise TypeError(f"{type(aggregator).__name__} has no per-dimension sums to release")
+    acc.lora.merge(lora)
+    acc.extra.merge(extra)
+    acc.total = total
+    return acc

@@ -136,7 +136,6 @@ UNSUPPORTED = {
     "HetLoRA": "its fallback to uniform weights when every B A is zero needs to see each update",
     "FLoRA": "the server stacks each client's own factors, so it must see every update",
     "FlexLoRA": "the server re-factorises the stacked factors of every client, so it must see every update",
-    "DimensionWiseDelta": "it has no streaming sums (begin/finish) to mask yet",
     "Local": "nothing is aggregated",
     "Centralized": "it pools the raw data instead of aggregating updates",
 }
