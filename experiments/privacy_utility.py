@@ -1,13 +1,24 @@
 """Privacy–utility of FediLoRA with client-level DP, and the cost of secure aggregation.
 
-The design, fixed before any result was seen: the embedded benchmark (configs/fedilora_paper.yaml's model and
-data) spread over 100 clients (ranks: the paper's [32, 32, 16, 16, 8, 8, 4, 4, 4, 4] ten times), 10
-sampled per round (q = 0.1), 30 rounds, DimensionWise + ModelEditing, adaptive clipping from C = 0.1
-towards the median update norm. epsilon in {inf, 8, 4, 1} at delta = 1e-5: the noise multiplier is the
-smallest that keeps 30 rounds within the budget (opacus RDP). Secure aggregation: the same run
-without DP, with and without masking: seconds per round and bytes uploaded per round.
+Two designs, each fixed before any of its results was seen.
 
-    .venv/bin/python experiments/privacy_utility.py            # the README's table (about 10 min on 2 cores)
+Small (the first table): the embedded benchmark (configs/fedilora_paper.yaml's model and data) spread
+over 100 clients (ranks: the paper's [32, 32, 16, 16, 8, 8, 4, 4, 4, 4] ten times), 10 sampled per
+round (q = 0.1), 30 rounds, DimensionWise + ModelEditing, adaptive clipping from C = 0.1 towards the
+median update norm. epsilon in {inf, 8, 4, 1} at delta = 1e-5: the noise multiplier is the smallest
+that keeps the rounds within the budget (opacus RDP). Secure aggregation: the same run without DP,
+with and without masking: seconds per round and bytes uploaded per round.
+
+Large (``--large``; "more simulated clients" for a useful epsilon): the same benchmark with 3,000
+clients (the paper's ranks 300 times) of 50 training samples each (num_train 150,000; the test set
+unchanged), 300 sampled per round (q = 0.1), 20 rounds, the same clipping and delta. The default
+method (configs/fedilora.yaml: DimensionWiseDelta + outlier editing) at epsilon in {inf, 8, 4, 1},
+then the paper's rule (configs/fedilora_paper.yaml) at inf and 8. No secure aggregation (pairwise masks
+among 300 clients cost O(K^2) streams in one process; its cost is measured at 10 clients). Each run's
+row is written as it finishes, so a stopped run keeps what it measured.
+
+    .venv/bin/python experiments/privacy_utility.py            # the small table (about 10 min on 2 cores)
+    .venv/bin/python experiments/privacy_utility.py --large    # the large table (about 70 min on 2 cores)
     .venv/bin/python experiments/privacy_utility.py --quick    # a smoke run: 2 rounds, 20 clients
 """
 
@@ -25,18 +36,20 @@ from fedilora.cli import FediLoRACLI
 
 ROOT = Path(__file__).resolve().parents[1]
 EPSILONS = [None, 8.0, 4.0, 1.0]
+PAPER_RANKS = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 
 
-def run(root: Path, name: str, clients: int, rounds: int, epsilon: float | None, secure: bool) -> dict:
-    ranks = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4] * (clients // 10)
+def run(root: Path, name: str, config: str, clients: int, per_round: int, rounds: int, samples: int | None,
+        epsilon: float | None, secure: bool) -> dict:  # fmt: skip
     args = [
-        # the old demo config: the paper's FediLoRA (DP needs DimensionWise's streaming sums), model and data
-        "fit", "--config", str(ROOT / "configs" / "fedilora_paper.yaml"),
-        "--data.num_clients", str(clients), "--trainer.ranks", json.dumps(ranks),
-        "--trainer.clients_per_round", str(clients // 10), "--trainer.rounds", str(rounds),
+        "fit", "--config", str(ROOT / "configs" / config),
+        "--data.num_clients", str(clients), "--trainer.ranks", json.dumps(PAPER_RANKS * (clients // 10)),
+        "--trainer.clients_per_round", str(per_round), "--trainer.rounds", str(rounds),
         "--trainer.eval_every", str(rounds), "--trainer.progress", "false", "--trainer.checkpoint_every", "null",
         "--trainer.root_dir", str(root), "--trainer.name", name,
     ]  # fmt: skip
+    if samples is not None:
+        args += ["--data.dataset.init_args.num_train", str(samples * clients)]
     if epsilon is not None:
         privacy = {"target_epsilon": epsilon, "delta": 1e-5, "clip_norm": 0.1, "adaptive_clipping": True}
         args += ["--trainer.privacy", json.dumps({"class_path": "fedilora.privacy.DifferentialPrivacy",
@@ -47,6 +60,8 @@ def run(root: Path, name: str, clients: int, rounds: int, epsilon: float | None,
     history, final = trainer.history, trainer.history[-1]
     return {
         "name": name,
+        "config": config,
+        "aggregator": type(trainer.aggregator).__name__,
         "epsilon_target": epsilon,
         "secure_aggregation": secure,
         "epsilon": final.get("privacy/epsilon"),
@@ -54,6 +69,8 @@ def run(root: Path, name: str, clients: int, rounds: int, epsilon: float | None,
         "final_clip_norm": final.get("privacy/clip_norm"),
         "acc": {c: final[f"global/{c}/acc"] for c in ("complete", "image_only", "text_only")},
         "personalized_acc": final.get("personalized/mean/acc"),
+        "personalized_clients": final.get("personalized/num_clients"),
+        "edits": sum(h.get("edit/num_edited", 0) for h in history),
         "round_time_s": statistics.median(h["round/time_s"] for h in history),
         "bytes_uploaded_per_round": statistics.mean(
             h.get("secagg/bytes_uploaded", h["comm/bytes_uploaded"]) for h in history
@@ -61,33 +78,49 @@ def run(root: Path, name: str, clients: int, rounds: int, epsilon: float | None,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    clients, rounds = (20, 2) if args.quick else (100, 30)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for epsilon in EPSILONS:
-            name = "plain" if epsilon is None else f"eps{epsilon:g}"
-            rows.append(run(Path(tmp), name, clients, rounds, epsilon, secure=False))
-        rows.append(run(Path(tmp), "secagg", clients, rounds, None, secure=True))
-    print("| epsilon (delta 1e-5) | noise multiplier | complete | image only | text only | personalized |")
-    print("|---|---|---|---|---|---|")
-    for r in rows[: len(EPSILONS)]:
+def table(rows: list[dict]) -> None:
+    print("| method | epsilon (delta 1e-5) | noise multiplier | complete | image only | text only | personalized |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
         eps = "inf (no DP)" if r["epsilon_target"] is None else f"{r['epsilon']:.2f} (target {r['epsilon_target']:g})"
         sigma = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
         acc = r["acc"]
-        print(f"| {eps} | {sigma} | {acc['complete']:.3f} | {acc['image_only']:.3f} | {acc['text_only']:.3f} | "
-              f"{r['personalized_acc']:.3f} |")  # fmt: skip
-    plain, masked = rows[0], rows[-1]
-    print("\n| aggregation | median round time (s) | uploaded per round (MB) |")
-    print("|---|---|---|")
-    for label, r in (("plain", plain), ("secure aggregation", masked)):
-        print(f"| {label} | {r['round_time_s']:.2f} | {r['bytes_uploaded_per_round'] / 1e6:.2f} |")
-    print(f"ratio: time {masked['round_time_s'] / plain['round_time_s']:.2f}x, "
-          f"bytes {masked['bytes_uploaded_per_round'] / plain['bytes_uploaded_per_round']:.2f}x")  # fmt: skip
-    write_results("privacy_utility", {"clients": clients, "rounds": rounds, "runs": rows}, args.quick, 2)
+        print(f"| {r['aggregator']} | {eps} | {sigma} | {acc['complete']:.3f} | {acc['image_only']:.3f} | "
+              f"{acc['text_only']:.3f} | {r['personalized_acc']:.3f} ({r['personalized_clients']:.0f}) |")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--large", action="store_true")
+    args = parser.parse_args()
+    if args.large:
+        clients, per_round, rounds, samples = (40, 4, 2, 50) if args.quick else (3000, 300, 20, 50)
+        plan = [("fedilora.yaml", eps, False) for eps in EPSILONS]
+        plan += [("fedilora_paper.yaml", None, False), ("fedilora_paper.yaml", 8.0, False)]
+    else:
+        clients, per_round, rounds, samples = (20, 2, 2, None) if args.quick else (100, 10, 30, None)
+        plan = [("fedilora_paper.yaml", eps, False) for eps in EPSILONS] + [("fedilora_paper.yaml", None, True)]
+    name = "privacy_utility_large" if args.large else "privacy_utility"
+    design = {"clients": clients, "clients_per_round": per_round, "rounds": rounds, "samples_per_client": samples}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for config, epsilon, secure in plan:
+            label = f"{config.removesuffix('.yaml')}_" + ("secagg" if secure else "plain" if epsilon is None
+                                                           else f"eps{epsilon:g}")  # fmt: skip
+            rows.append(run(Path(tmp), label, config, clients, per_round, rounds, samples, epsilon, secure))
+            table(rows[-1:])
+            write_results(name, {**design, "runs": rows}, args.quick, 2)  # after every run: a stop keeps the rows
+    table([r for r in rows if not r["secure_aggregation"]])
+    masked = [r for r in rows if r["secure_aggregation"]]
+    if masked:
+        plain, masked = rows[0], masked[0]
+        print("\n| aggregation | median round time (s) | uploaded per round (MB) |")
+        print("|---|---|---|")
+        for label, r in (("plain", plain), ("secure aggregation", masked)):
+            print(f"| {label} | {r['round_time_s']:.2f} | {r['bytes_uploaded_per_round'] / 1e6:.2f} |")
+        print(f"ratio: time {masked['round_time_s'] / plain['round_time_s']:.2f}x, "
+              f"bytes {masked['bytes_uploaded_per_round'] / plain['bytes_uploaded_per_round']:.2f}x")  # fmt: skip
 
 
 if __name__ == "__main__":
