@@ -2,7 +2,7 @@
 
 ``LocalGrid`` runs fedilora's ClientApp in this process, one ``Context`` per node kept between
 messages (what a SuperNode does), and records every message and reply, so the tests can look at what
-the server sent and received. The slow test runs the same on Flower's simulation engine.
+the server sent and received. The last test runs the same on a loopback Flower deployment.
 
 Equal means bit for bit: every client computes its contribution with the simulator's own function
 from the payload it received, the fixed-point sum of masked vectors is exact (masks cancel modulo
@@ -278,20 +278,26 @@ def test_a_key_masks_once():
 
 
 @pytest.mark.slow
-def test_simulation_engine_with_dp_and_secure_aggregation_equals_fit(federation, tmp_path):  # noqa: F811
-    """The same as the DP test above on Flower's simulation engine (Ray workers, the node state kept by
-    the engine between messages): the global adapter, head and comparable metrics equal ``fedilora fit``'s
-    bit for bit, and the server's checkpoint holds no personalized model."""
+def test_deployment_with_dp_and_secure_aggregation_equals_fit(federation, tmp_path):  # noqa: F811
+    """The DP test above on a loopback deployment: a SuperLink and 3 SuperNodes (ranks from their node
+    config, keep-alive workers), so the keys, contributions and personalized models live in each
+    SuperNode's node state between the TRAIN and MASK messages of a round (the simulation engine keeps
+    node state the same way; it is not run here to keep the suite within its time). Global adapter, head and comparable
+    metrics equal ``fedilora fit``'s bit for bit."""
     overrides = [*DEFAULT, SECURE, *DP]
     fit = fit_reference(tmp_path, "fit", overrides)
-    federation.simulation = True
     federation.start_superlink()
-    flower_overrides = [*overrides, f"--trainer.root_dir={tmp_path}", "--trainer.name=sim"]
-    run = {"config": "configs/demo.yaml", "overrides": " ".join(flower_overrides)}
-    federation.run(ROOT / "flower-app", run, "num-supernodes=3 client-resources-num-cpus=2", timeout=900)
-    simulation = tmp_path / "sim" / "version_0"
+    for k, rank in enumerate([8, 4, 2]):
+        federation.add_supernode({"partition-id": k, "rank": rank, "keep-alive": 300.0}, f"node{k}")
+    flower_overrides = [*overrides, f"--trainer.root_dir={tmp_path}", "--trainer.name=deploy"]
+    run_id = federation.submit(
+        ROOT / "flower-app", {"config": "configs/demo.yaml", "overrides": " ".join(flower_overrides)}
+    )
+    federation.wait(run_id, timeout=900)
+    deploy = tmp_path / "deploy" / "version_0"
     for rounds in (1, 2):
-        assert_same_globals(load(fit, rounds), load(simulation, rounds))
-    a, b = load(fit, 2), load(simulation, 2)
+        assert_same_globals(load(fit, rounds), load(deploy, rounds))
+    a, b = load(fit, 2), load(deploy, 2)
     assert_same_history(a["history"], b["history"])
+    assert all(h["secagg/passes"] == 1.0 for h in b["history"]) and b["history"][-1]["privacy/epsilon"] > 0
     assert b["personal"] == {} and b["history"][-1]["personalized/num_clients"] == 3.0
