@@ -19,7 +19,13 @@ Reported per variant: the first round (imports and builds happen there), the med
 rounds, its ratio to ``fit`` (target <= 1.25), how many client runtimes the later rounds built (the
 count that shows the cache at work), and whether the final global adapter equals ``fit``'s bit for bit.
 
+``--scale vit`` runs the same comparison where a client's work is that of a real model: ViT-B-32
+(random weights: none can be downloaded here) with 4 clients of ranks 32/16/8/4, all sampled every
+round, 3 local steps each, so that a round of ``fit`` takes tens of seconds on this CPU and Flower's
+fixed per-message latency is a small part of it.
+
     .venv/bin/python experiments/bench_flower.py [--rounds 5] [--variants fit,sim,...] [--threads 2] [--quick]
+    .venv/bin/python experiments/bench_flower.py --scale vit --rounds 3 --variants fit,sim,deploy-keepalive
 """
 
 from __future__ import annotations
@@ -46,8 +52,21 @@ VARIANTS = ("fit", "sim", "sim-rebuild", "deploy-keepalive", "deploy-fresh")
 TARGET = 1.25
 
 
-def overrides(rounds: int, quick: bool, root: Path, name: str) -> list[str]:
-    args = [
+#: what ``--scale vit`` adds to the demo config (the model from a file, like the demo's own)
+VIT = [
+    "--model=configs/common/model_vit_b32.yaml",
+    "--model.pretrained=null",
+    "--data.num_clients=4",
+    "--trainer.ranks=[32,16,8,4]",
+    "--trainer.clients_per_round=4",
+    "--trainer.max_local_steps=3",
+    "--data.dataset.init_args.num_test=64",
+]
+
+
+def overrides(rounds: int, quick: bool, root: Path, name: str, scale: str = "demo") -> list[str]:
+    args = [*(VIT if scale == "vit" else [])]
+    args += [
         f"--trainer.rounds={rounds}",
         f"--trainer.eval_every={rounds}",
         "--trainer.progress=false",
@@ -103,6 +122,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--scale", choices=("demo", "vit"), default="demo")
     args = parser.parse_args()
     variants = args.variants.split(",")
     unknown = set(variants) - set(VARIANTS)
@@ -110,12 +130,12 @@ def main() -> None:
         parser.error(f"--variants: choose from {', '.join(VARIANTS)}, fit included (the reference)")
     work = Path(tempfile.mkdtemp(prefix="bench_flower_"))
     env = dict(os.environ, FEDILORA_FLOWER_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
-    num_clients = 4 if args.quick else 10
+    num_clients = 4 if args.quick or args.scale == "vit" else 10
     rows = {}
     try:
         for variant in variants:
             started = time.perf_counter()
-            run_args = overrides(args.rounds, args.quick, work / "runs", variant)
+            run_args = overrides(args.rounds, args.quick, work / "runs", variant, args.scale)
             if variant == "fit":
                 run_fit(run_args, env)
             else:
@@ -142,11 +162,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     reference = rows["fit"]
-    print(f"\nFlower round vs `fedilora fit` round ({'quick' if args.quick else 'demo scale'}, {args.rounds} rounds)")
+    scale = "quick" if args.quick else "ViT-B-32, 4 clients" if args.scale == "vit" else "demo scale"
+    print(f"\nFlower round vs `fedilora fit` round ({scale}, {args.rounds} rounds)")
     header = "variant | first round (s) | median later round (s) | ratio to fit | runtime builds, later rounds"
     print(f"| {header} | client trip / work on the node (s) | same adapter as fit |")
     print("|---|---|---|---|---|---|---|")
-    payload = {"rounds": args.rounds, "target": TARGET, "variants": {}}
+    payload = {"rounds": args.rounds, "scale": args.scale, "target": TARGET, "variants": {}}
     for variant, row in rows.items():
         same = all(torch.equal(row["global_lora"][k], v) for k, v in reference["global_lora"].items())
         ratio = row["median_s"] / reference["median_s"]
@@ -160,7 +181,8 @@ def main() -> None:
             "ratio_to_fit": ratio,
             "same_global_adapter_as_fit": same,
         }
-    write_results("bench_flower", payload, args.quick, args.threads)
+    name = "bench_flower" if args.scale == "demo" else f"bench_flower_{args.scale}"
+    write_results(name, payload, args.quick, args.threads)
 
 
 if __name__ == "__main__":
