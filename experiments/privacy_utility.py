@@ -17,8 +17,13 @@ then the paper's rule (configs/fedilora_paper.yaml) at inf and 8. No secure aggr
 among 300 clients cost O(K^2) streams in one process; its cost is measured at 10 clients). Each run's
 row is written as it finishes, so a stopped run keeps what it measured.
 
+Post hoc (``--large --posthoc``, chosen after the large table showed almost every update clipped in
+every round): the default with clipping and negligible noise (sigma 0.01), and at epsilon 8 with the
+clip norm starting at 1.0.
+
     .venv/bin/python experiments/privacy_utility.py            # the small table (about 10 min on 2 cores)
-    .venv/bin/python experiments/privacy_utility.py --large    # the large table (about 70 min on 2 cores)
+    .venv/bin/python experiments/privacy_utility.py --large    # the large table (about 40 min on 2 cores)
+    .venv/bin/python experiments/privacy_utility.py --large --posthoc  # its two post-hoc runs (13 min)
     .venv/bin/python experiments/privacy_utility.py --quick    # a smoke run: 2 rounds, 20 clients
 """
 
