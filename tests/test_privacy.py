@@ -51,37 +51,30 @@ def _server(aggregator=None, privacy=None, secure=None, ranks=(4, 2, 2), seed=0)
                            privacy=privacy, secure_aggregation=secure)  # fmt: skip
 
 
-def test_without_noise_dp_is_the_unweighted_dimension_wise_mean_of_clipped_deltas():
-    server = _server(privacy=DifferentialPrivacy(clip_norm=100.0, noise_multiplier=1e-12))
+@pytest.mark.parametrize(
+    ("aggregator", "only_client_0"),
+    # rows/columns 2-3 only client 0 has: DimensionWise averages them over it alone; DimensionWiseDelta
+    # counts the other two clients as zero deltas there, so over all 3
+    [(DimensionWise, 1), (DimensionWiseDelta, 3)],
+)
+def test_without_noise_dp_is_the_unweighted_mean_of_clipped_deltas(aggregator, only_client_0):
+    server = _server(aggregator(), privacy=DifferentialPrivacy(clip_norm=100.0, noise_multiplier=1e-12))
     before_lora, before_extra = dict(server.global_lora), dict(server.global_extra)
     updates = _updates(before_lora, before_extra)
     server.aggregate(0, updates)
-    a = [u.lora["m.lora_A.weight"] - before_lora["m.lora_A.weight"][: u.rank] for u in updates]
-    # rows 0-1: the three clients, uniform weights (sample counts are private); rows 2-3: client 0 only
-    expected = before_lora["m.lora_A.weight"].clone()
-    expected[:2] += (a[0][:2] + a[1] + a[2]) / 3
-    expected[2:] += a[0][2:]
-    assert torch.allclose(server.global_lora["m.lora_A.weight"], expected, atol=1e-5)
-    head = sum(u.extra["head.weight"] - before_extra["head.weight"] for u in updates) / 3
-    assert torch.allclose(server.global_extra["head.weight"], before_extra["head.weight"] + head, atol=1e-5)
-
-
-def test_without_noise_dp_with_delta_averages_clipped_deltas_over_every_sampled_client():
-    # DimensionWiseDelta counts a client without a dimension as a zero delta there: every row / K
-    server = _server(DimensionWiseDelta(), privacy=DifferentialPrivacy(clip_norm=100.0, noise_multiplier=1e-12))
-    before_lora, before_extra = dict(server.global_lora), dict(server.global_extra)
-    updates = _updates(before_lora, before_extra)
-    server.aggregate(0, updates)
+    # rows 0-1 of A (columns of B): the three clients, uniform weights (sample counts are private)
     a = [u.lora["m.lora_A.weight"] - before_lora["m.lora_A.weight"][: u.rank] for u in updates]
     expected = before_lora["m.lora_A.weight"].clone()
     expected[:2] += (a[0][:2] + a[1] + a[2]) / 3
-    expected[2:] += a[0][2:] / 3
+    expected[2:] += a[0][2:] / only_client_0
     assert torch.allclose(server.global_lora["m.lora_A.weight"], expected, atol=1e-5)
     b = [u.lora["m.lora_B.weight"] - before_lora["m.lora_B.weight"][:, : u.rank] for u in updates]
-    expected_b = before_lora["m.lora_B.weight"].clone()
-    expected_b[:, :2] += (b[0][:, :2] + b[1] + b[2]) / 3
-    expected_b[:, 2:] += b[0][:, 2:] / 3
-    assert torch.allclose(server.global_lora["m.lora_B.weight"], expected_b, atol=1e-5)
+    expected = before_lora["m.lora_B.weight"].clone()
+    expected[:, :2] += (b[0][:, :2] + b[1] + b[2]) / 3
+    expected[:, 2:] += b[0][:, 2:] / only_client_0
+    assert torch.allclose(server.global_lora["m.lora_B.weight"], expected, atol=1e-5)
+    head = sum(u.extra["head.weight"] - before_extra["head.weight"] for u in updates) / 3
+    assert torch.allclose(server.global_extra["head.weight"], before_extra["head.weight"] + head, atol=1e-5)
 
 
 def test_clipping_bounds_each_clients_influence():
