@@ -58,12 +58,18 @@ def dimension_wise_delta_average(
     if not client_loras:
         return dict(previous)
     averaged = dimension_wise_average(previous, client_loras, ranks, weights)
+    global_rank = max(v.shape[rank_axis(k)] for k, v in previous.items())
+    return blend(previous, averaged, coverage_mass(ranks, weights, global_rank))
+
+
+def blend(previous: Mapping[str, Tensor], averaged: Mapping[str, Tensor], mass: Tensor) -> State:
+    """m_i averaged[i] + (1 - m_i) previous[i] along every tensor's rank axis (``mass``: ``[R]``)."""
     out = {}
     for key, prev in previous.items():
         axis = rank_axis(key)
-        mass = coverage_mass(ranks, weights, prev.shape[axis]).to(prev.dtype)
-        mass = mass.view(-1, 1) if axis == 0 else mass.view(1, -1)
-        out[key] = mass * averaged[key] + (1 - mass) * prev
+        m = mass[: prev.shape[axis]].to(prev.dtype)
+        m = m.view(-1, 1) if axis == 0 else m.view(1, -1)
+        out[key] = m * averaged[key] + (1 - m) * prev
     return out
 
 
@@ -79,15 +85,7 @@ class DimensionWiseDelta(Aggregator):
         return DimensionAccumulator(global_lora, global_extra)
 
     def finish(self, acc: Accumulator) -> State:
-        """m_i A_dw[i] + (1 - m_i) A_prev[i] with m_i = W_i / W: the closed form's operations, with A_dw
-        FediLoRA's own streaming average."""
+        """:func:`blend` of FediLoRA's streaming average with the previous adapter, m_i = W_i / W."""
         acc.close()
         mass = acc.lora.weight / acc.total if acc.total > 0 else torch.zeros_like(acc.lora.weight)
-        averaged = acc.lora.average(acc.previous)
-        out = {}
-        for key, prev in acc.previous.items():
-            axis = rank_axis(key)
-            m = mass[: prev.shape[axis]].to(prev.dtype)
-            m = m.view(-1, 1) if axis == 0 else m.view(1, -1)
-            out[key] = m * averaged[key] + (1 - m) * prev
-        return out
+        return blend(acc.previous, acc.lora.average(acc.previous), mass)
