@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+HOOK := $(VENV)/.startup_hook
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint docs clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(HOOK)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +15,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,minilm,hf,flower]"
 	touch $(STAMP)
+
+# torchvision's fix at every interpreter start, so `import peft` or `import open_clip` works before
+# `import fedilora` (src/fedilora/_compat.py)
+$(HOOK): $(STAMP) src/fedilora/_compat.py
+	$(BIN)/python -c "import fedilora._compat as c; print('installed', c.install_startup_hook())"
+	touch $(HOOK)
 
 demo: setup
 	$(BIN)/fedilora fit --config configs/demo.yaml

@@ -11,19 +11,26 @@ just before its first ``import torchvision``.
 The hook runs the fix lazily, at that import, rather than when fedilora is imported: importing torch
 costs ~1.5 s of CPU, and a Flower ClientApp process (started for every message on a deployed
 SuperNode) imports fedilora only to hand the message to its node's worker; it never needs torch.
+
+Users import peft or open_clip before fedilora too (notebooks, their own scripts), so ``make setup``
+writes ``fedilora_torchvision.pth`` into the venv's site-packages (``install_startup_hook``): every
+interpreter start then imports this module and installs the hook. That runs at every ``python``
+start, so this module imports nothing but ``sys`` at the top (``importlib.abc`` alone pulls in
+``importlib.resources``, ~25 ms).
 """
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.util
+import os  # already imported by the interpreter's start (site), unlike typing or pathlib
 import sys
-from pathlib import Path
 
 _LIBRARY = None  # the torch.library.Library, kept alive: the schemas vanish when it is collected
 
 
 def _torchvision_c_library_loads() -> bool:
+    import importlib.util
+    from pathlib import Path
+
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         return True  # nothing to patch
@@ -57,8 +64,9 @@ def register_torchvision_schemas() -> bool:
     return True
 
 
-class _BeforeTorchvision(importlib.abc.MetaPathFinder):
-    """Defines the schemas when ``torchvision`` is first imported, then lets the import go on."""
+class _BeforeTorchvision:
+    """Defines the schemas when ``torchvision`` is first imported, then lets the import go on (a
+    meta path finder: ``find_spec`` is all the import system asks of one)."""
 
     def find_spec(self, name, path=None, target=None):
         if name == "torchvision":
@@ -80,3 +88,20 @@ def before_torchvision() -> None:
 def uninstall() -> None:
     if _HOOK in sys.meta_path:
         sys.meta_path.remove(_HOOK)
+
+
+PTH_NAME = "fedilora_torchvision.pth"
+# a .pth line that starts with "import" is executed at interpreter start; the try keeps a venv whose
+# fedilora was uninstalled starting quietly
+PTH_LINE = "import sys; exec('try:\\n    import fedilora._compat\\nexcept ImportError:\\n    pass')\n"
+
+
+def install_startup_hook(site_dir: str | os.PathLike[str] | None = None) -> str:
+    """Write ``fedilora_torchvision.pth`` into ``site_dir`` (default: this interpreter's site-packages),
+    so that the hook is in place before anything imports torchvision, whatever is imported first."""
+    import sysconfig
+    from pathlib import Path
+
+    path = Path(site_dir or sysconfig.get_path("purelib")) / PTH_NAME
+    path.write_text(PTH_LINE)
+    return str(path)
