@@ -88,6 +88,7 @@ def evaluate(fabric, task: str) -> dict:
 def main(devices: int, out: Path, num_nodes: int = 1) -> None:
     from lightning.fabric import Fabric  # after fedilora: its torchvision shim must come first
 
+    os.environ["OMP_NUM_THREADS"] = "1"  # else Fabric's ddp launcher sets cpu_count // devices (see ddp_run.py)
     torch.set_num_threads(1)
     fabric = Fabric(accelerator="cpu", devices=devices, num_nodes=num_nodes,
                     strategy="ddp" if devices * num_nodes > 1 else "auto")  # fmt: skip
