@@ -6,9 +6,13 @@ import json
 import logging
 import re
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 from fedilora.data import DataError, FederatedDataModule, HatefulMemes, MMIMDb, MultimodalTable, UPMCFood101
+from fedilora.data.files import decode_image, image_problem
 from fedilora.errors import ConfigError
 from test_datasets_fixtures import make_food101, make_hateful_memes, make_mmimdb, make_table, table
 
@@ -364,3 +368,103 @@ def test_check_images_auto_decodes_when_skipping(tmp_path):
     assert dataset.skipped == {"train": 1, "test": 1} and len(pool) == len(test) == 11
     with pytest.raises(ConfigError, match=r"check_images: unknown 'full'; allowed: auto, exists, header, decode"):
         table(path, check_images="full")
+
+
+# ------------------------------------------------------------------ a test label no training row has
+def _test_file_with(path, label, rows):
+    """A test file next to ``path``: its rows, then ``rows`` more whose label is ``label``."""
+    lines = path.read_text().splitlines()
+    extra = [f"pics/{i:03d}.png,unseen sample {i},{label}" for i in range(rows)]
+    test = path.with_name("test.csv")
+    test.write_text("\n".join([*lines, *extra]) + "\n")
+    return test
+
+
+def test_a_test_label_absent_from_training_is_a_bad_sample_naming_it_and_its_count(tmp_path, caplog):
+    path = make_table(tmp_path)
+    test = _test_file_with(path, "lion", 2)
+    expected = (r"test\.csv line 14: label 'lion' is not one of the classes \['bird', 'cat', 'dog'\], the labels of "
+                r"the training data \(2 test sample\(s\) have it, no training sample; list it in data\.dataset")
+    with pytest.raises(DataError, match=expected):
+        table(path, test_path=str(test)).load()
+    dataset = table(path, test_path=str(test), on_bad_sample="skip")
+    with caplog.at_level(logging.WARNING, logger="fedilora.data"):
+        pool, held = dataset.load()
+    assert dataset.classes == ["bird", "cat", "dog"]  # no class without a training sample
+    assert dataset.skipped == {"train": 0, "test": 2} and (len(pool), len(held)) == (12, 12)
+    assert any("test: skipped 2 bad sample(s)" in r.getMessage() and "'lion'" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_a_listed_class_with_test_samples_and_no_training_sample_is_warned_about(tmp_path, caplog):
+    path = make_table(tmp_path)
+    test = _test_file_with(path, "lion", 3)
+    dataset = table(path, test_path=str(test), classes=["bird", "cat", "dog", "lion"])
+    with caplog.at_level(logging.WARNING, logger="fedilora.data"):
+        _, held = dataset.load()
+    assert held.labels.tolist().count(3) == 3  # kept, as the user listed it ...
+    warned = [r.getMessage() for r in caplog.records if "no training sample" in r.getMessage()]
+    assert warned == ["MultimodalTable: 1 test class(es) have no training sample, the model never learns them: "
+                      "'lion' (3 test sample(s))"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fedilora.data"):
+        table(path, test_path=str(path), classes=["bird", "cat", "dog", "lion"]).load()
+    assert not [r for r in caplog.records if "no training sample" in r.getMessage()]  # a class in neither split
+
+
+# --------------------------------------------------------------------- every row skipped, and why
+def test_all_rows_with_empty_text_under_skip_say_so_not_no_labels(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("file,caption,tags\n" + "".join(f"pics/{i}.png,,{'ab'[i % 2]}\n" for i in range(1000)))
+    with pytest.raises(DataError, match=r"data\.csv: no usable row to read the classes from: all 1000 skipped as bad "
+                                        r"samples \(on_bad_sample: skip\), e\.g\. .*data\.csv line 2: empty text"):
+        _ = table(path, on_bad_sample="skip").num_classes
+    with pytest.raises(DataError, match=r"MultimodalTable train: no usable sample is left: all 1000 skipped as bad "
+                                        r"samples .*line 2: empty text"):
+        table(path, test_path=str(path), on_bad_sample="skip", classes=["a", "b"]).load()
+    with pytest.raises(DataError, match=r"0 usable samples are too few to hold out a test set .*; 1000 skipped as "
+                                        r"bad samples .*line 2: empty text"):
+        table(path, on_bad_sample="skip", classes=["a", "b"]).load()
+
+
+# --------------------------------------------------------------------- an image path that is a folder
+def test_an_image_path_that_is_a_directory_says_so(tmp_path):
+    path = make_table(tmp_path)
+    _append_line(path, "pics,a caption,cat")
+    with pytest.raises(DataError, match=r"data\.csv line 14: image path .*pics is a directory, not an image file"):
+        table(path, test_path=str(path), check_images="exists").load()
+
+
+# ------------------------------------------------------------------- 16-bit and float images
+def _grey(path, pixels):
+    Image.fromarray(pixels).save(path)  # PIL picks the mode of the array: I;16, F, I
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "pixels", "expected"),
+    [
+        ("16bit.png", np.full((12, 12), 32768, np.uint16), 128),  # 32768 / 65535 * 255 = 127.5
+        ("16bit.tif", np.full((12, 12), 13107, np.uint16), 51),  # 13107 / 65535 * 255 = 51.0
+        ("float.tif", np.full((12, 12), 0.25, np.float32), 64),  # a fraction of white: 0.25 * 255 = 63.75
+        ("float255.tif", np.full((12, 12), 200.0, np.float32), 200),  # float values of the 8-bit range
+        ("int32.tif", np.full((12, 12), 40000, np.int32), 156),  # 16-bit values held as 32-bit: 155.6
+    ],
+)
+def test_16_bit_and_float_images_decode_in_their_own_range(tmp_path, name, pixels, expected):
+    file = _grey(tmp_path / name, pixels)
+    decoded = decode_image(file, 8)
+    assert decoded.dtype == torch.uint8 and decoded.unique().tolist() == [expected]
+    assert image_problem(file, "decode", 8) is None
+
+
+def test_a_float_image_outside_a_known_range_is_refused_with_the_reason(tmp_path):
+    for name, pixels, message in [
+        ("wide.tif", np.linspace(-3.0, 900.0, 144, dtype=np.float32).reshape(12, 12),
+         r"float pixels in \[-3, 900\], outside the ranges read as such \(\[0, 1\] or \[0, 255\]\); save the image as"),
+        ("nan.tif", np.full((12, 12), np.nan, np.float32), r"float pixels that are not finite"),
+    ]:  # fmt: skip
+        file = _grey(tmp_path / name, pixels)
+        with pytest.raises(DataError, match=rf"image file .*{name} cannot be decoded \(ValueError: {message}"):
+            decode_image(file, 8)
+        assert re.search(message, image_problem(file, "decode", 8))

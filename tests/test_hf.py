@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
@@ -198,7 +199,7 @@ def test_classes_given_map_names_and_unknown_labels_are_bad_samples(tmp_path):
 def test_missing_path_split_and_column_are_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"data.dataset.path: .*nowhere does not exist \(fedilora never downloads"):
         HuggingFaceDataset(str(tmp_path / "nowhere"))
-    with pytest.raises(ConfigError, match=r"biecho/hateful_memes does not exist.*huggingface-cli download"):
+    with pytest.raises(ConfigError, match=r"biecho/hateful_memes does not exist.*`hf download <id>"):
         HuggingFaceDataset("biecho/hateful_memes")
     root = saved(tmp_path / "ds")
     with pytest.raises(ConfigError, match=r"no split 'test_seen' \(splits: train, test\); set data.dataset.test_split"):
@@ -300,3 +301,87 @@ def test_one_federated_round_through_the_cli_with_the_hub_hateful_memes_config(t
     assert source.skipped == {"train": 1, "test": 0}
     with pytest.raises(ConfigError, match=r"split 'dev_seen' row 3: no image \(column 'image'\)"):
         HuggingFaceDataset(str(root), train_split=["train", "dev_seen"], test_split="test_seen", task="binary").load()
+
+
+# ------------------------------------------------------------------------------ issue 22's cases
+def test_repeated_captions_count_exact_copies_across_splits(tmp_path):
+    features = Features({"image": HFImage(), "text": Value("string"), "label": ClassLabel(names=["a", "b"])})
+    train = image_split(8, ["a", "b"]).to_dict()
+    train["text"][2] = train["text"][0]  # a caption twice within the pool, with two different images
+    train["image"][2] = {"bytes": png(COLOURS[2]), "path": None}
+    test = image_split(4, ["a", "b"], offset=100).to_dict()
+    test["text"][0] = train["text"][0]  # same caption, same image bytes as train row 0: an exact copy
+    test["text"][1] = train["text"][1]  # same caption as train row 1, another image: not a copy
+    test["image"][1] = {"bytes": png(COLOURS[2]), "path": None}
+    root = tmp_path / "rep"
+    DatasetDict(train=Dataset.from_dict(train, features=features),
+                test=Dataset.from_dict(test, features=features)).save_to_disk(str(root))  # fmt: skip
+    datamodule = FederatedDataModule(dataset=HuggingFaceDataset(str(root), image_size=16), num_clients=2,
+                                     val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    datamodule.setup()
+    assert datamodule.duplicates["global_test"] == 1 and datamodule.duplicates["global_test_total"] == 4
+    images = datamodule.pool.images
+    assert images.digest(0) != images.digest(2)  # one caption, two images
+    assert images.digest(0) == datamodule.test.images.digest(0) and images.digest(0) == images.digest(4)
+
+
+def test_an_empty_dataset_is_said_to_be_empty(tmp_path):
+    features = Features({"image": HFImage(), "text": Value("string"), "label": ClassLabel(names=["a", "b"])})
+    empty = Dataset.from_dict({"image": [], "text": [], "label": []}, features=features)
+    empty.save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'one'}: the dataset is empty$"):
+        _ = HuggingFaceDataset(str(tmp_path / "one"), test_split=None).classes
+    DatasetDict(train=empty, test=image_split(3, ["a", "b"])).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(ConfigError, match=r"dict: the dataset is empty \(no rows in split 'train'\)$"):
+        HuggingFaceDataset(str(tmp_path / "dict")).load()
+    empty.to_parquet(str(tmp_path / "none.parquet"))
+    with pytest.raises(ConfigError, match=r"none\.parquet: the dataset is empty \(its data files hold no rows\)"):
+        HuggingFaceDataset(str(tmp_path / "none.parquet"), test_split=None, cache_dir=str(tmp_path / "c")).load()
+
+
+def test_all_rows_skipped_for_their_empty_text_say_so(tmp_path):
+    train = image_split(6, ["a", "b"]).to_dict()
+    train["text"] = [""] * 6
+    features = Features({"image": HFImage(), "text": Value("string"), "label": ClassLabel(names=["a", "b"])})
+    DatasetDict(train=Dataset.from_dict(train, features=features),
+                test=image_split(3, ["a", "b"])).save_to_disk(str(tmp_path / "ds"))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"train: no usable sample is left: all 6 skipped as bad samples "
+                                          r"\(on_bad_sample: skip\), e\.g\. .*split 'train' row 0: empty text"):
+        HuggingFaceDataset(str(tmp_path / "ds"), on_bad_sample="skip", image_size=16).load()
+    with pytest.raises(ConfigError, match=r"0 usable samples are too few .*; 6 skipped as bad samples .*empty text"):
+        HuggingFaceDataset(str(tmp_path / "ds"), on_bad_sample="skip", test_split=None, image_size=16).load()
+
+
+def test_a_test_label_absent_from_training_is_a_bad_sample_or_a_warning(tmp_path, caplog):
+    features = Features({"image": HFImage(), "text": Value("string"), "label": Value("string")})
+    rows = lambda labels: {"image": [{"bytes": png(COLOURS[0]), "path": None}] * len(labels),  # noqa: E731
+                           "text": [f"t {i}" for i in range(len(labels))], "label": labels}  # fmt: skip
+    DatasetDict(train=Dataset.from_dict(rows(["a", "b"] * 3), features=features),
+                test=Dataset.from_dict(rows(["a", "c", "c", "b"]), features=features)).save_to_disk(str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"split 'test' row 1: label 'c' is not one of the classes \['a', 'b'\], the "
+                                          r"labels of the training data \(2 test sample\(s\) have it"):
+        HuggingFaceDataset(str(tmp_path / "s"), image_size=16).load()
+    source = HuggingFaceDataset(str(tmp_path / "s"), on_bad_sample="skip", image_size=16)
+    _, test = source.load()
+    assert source.classes == ["a", "b"] and source.skipped == {"train": 0, "test": 2} and len(test) == 2
+    # a ClassLabel declares its classes: one without a training sample is kept, and said
+    labelled = Features({"image": HFImage(), "text": Value("string"), "label": ClassLabel(names=["a", "b", "c"])})
+    DatasetDict(train=Dataset.from_dict(rows([0, 1] * 3), features=labelled),
+                test=Dataset.from_dict(rows([0, 2, 2, 1]), features=labelled)).save_to_disk(str(tmp_path / "cl"))
+    with caplog.at_level("WARNING", logger="fedilora.data"):
+        _, test = HuggingFaceDataset(str(tmp_path / "cl"), image_size=16).load()
+    assert len(test) == 4
+    warned = [r.getMessage() for r in caplog.records if "never learns" in r.getMessage()]
+    assert warned == ["HuggingFaceDataset: 1 test class(es) have no training sample, the model never learns them: "
+                      "'c' (2 test sample(s))"]  # fmt: skip
+
+
+def test_16_bit_image_bytes_decode_in_their_range(tmp_path):
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 20), 65535 // 4, np.uint16)).save(buffer, "PNG")  # I;16, a quarter of white
+    features = Features({"image": HFImage(), "text": Value("string"), "label": ClassLabel(names=["a", "b"])})
+    split = Dataset.from_dict({"image": [{"bytes": buffer.getvalue(), "path": None}] * 2, "text": ["x", "y"],
+                               "label": [0, 1]}, features=features)  # fmt: skip
+    DatasetDict(train=split, test=split).save_to_disk(str(tmp_path / "deep"))
+    pool, _ = HuggingFaceDataset(str(tmp_path / "deep"), image_size=16, check_images="decode").load()
+    assert pool.images[torch.tensor([0])].unique().tolist() == [64]  # 16383 / 65535 * 255 = 63.75

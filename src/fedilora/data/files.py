@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,9 +42,45 @@ _CHECK_THREADS = 8
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def _rgb(image: Image.Image, size: int) -> Image.Image:
+def to_rgb(image: Image.Image, size: int) -> Image.Image:
+    """``image`` decoded to 8-bit RGB (16-bit and float images in their own range, see ``_to_8bit``)."""
     image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
+    if image.mode.startswith("I") or image.mode == "F":
+        image = _to_8bit(image)
     return image.convert("RGB")  # reads every pixel: a truncated or corrupt file fails here
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float grey image as 8-bit ``L``, read in its own range.
+
+    PIL's ``convert`` clips such pixels to 0..255 as they are, so a 16-bit image turns almost white
+    and a float image in [0, 1] black. The range is the mode's (``I;16``: 0..65535) or, where the
+    mode does not fix one (``I``, ``F``), the one the values show: within 0..255 they are 8-bit
+    values, within 0..65535 (integers) 16-bit ones, within [0, 1] (floats) fractions. Other values
+    have no range to read them in and raise ``ValueError`` (a bad image)."""
+    pixels = np.asarray(image)
+    if image.mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        pixels = pixels.astype(np.float64)
+        kind = "float" if image.mode == "F" else "32-bit integer"
+        if not np.isfinite(pixels).all():
+            raise ValueError(f"{kind} pixels that are not finite; save the image as 8-bit")
+        low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+        if image.mode == "F" and low >= 0.0 and high <= 1.0:
+            top = 1.0
+        elif low >= 0.0 and high <= 255.0:
+            top = 255.0
+        elif image.mode == "I" and low >= 0.0 and high <= 65535.0:
+            top = 65535.0
+        else:
+            expected = "[0, 1] or [0, 255]" if image.mode == "F" else "0..255 or 0..65535"
+            raise ValueError(
+                f"{kind} pixels in [{low:g}, {high:g}], outside the ranges read as such ({expected}); "
+                "save the image as 8-bit"
+            )
+    scaled = np.rint(pixels.astype(np.float64) * (255.0 / top)).astype(np.uint8)
+    return Image.fromarray(scaled, "L")
 
 
 def decode_image(path: str | Path, size: int) -> Tensor:
@@ -52,7 +88,7 @@ def decode_image(path: str | Path, size: int) -> Tensor:
     and centre-cropped, as CLIP's preprocessing does. A file that does not decode raises ``DataError``."""
     try:
         with Image.open(path) as image:
-            fitted = ImageOps.fit(_rgb(image, size), (size, size), method=Image.Resampling.BICUBIC)
+            fitted = ImageOps.fit(to_rgb(image, size), (size, size), method=Image.Resampling.BICUBIC)
     except _DECODE_ERRORS as err:
         raise DataError(f"image file {path} cannot be decoded ({type(err).__name__}: {err})") from None
     return torch.from_numpy(_chw(fitted))
@@ -72,13 +108,15 @@ def image_problem(path: Path, level: CheckImages, size: int = 224) -> str | None
     ``size`` (reads every pixel).
     """
     if not path.is_file():
-        return f"image file {path} does not exist"
+        if path.is_dir():
+            return f"image path {path} is a directory, not an image file"
+        return f"image file {path} does not exist" if not path.exists() else f"image path {path} is not a regular file"
     if level == "exists":
         return None
     try:
         with Image.open(path) as image:
             if level == "decode":
-                _rgb(image, size)
+                to_rgb(image, size)
     except _DECODE_ERRORS as err:
         return f"image file {path} cannot be decoded ({type(err).__name__}: {err})"
     return None
@@ -209,6 +247,10 @@ class BadSamples:
         if len(self.examples) < 3:
             self.examples.append(f"{where}: {problem}")
 
+    def summary(self) -> str:
+        """How many samples were skipped and why (the first problems), for the error of a split left empty."""
+        return f"{self.count} skipped as bad samples (on_bad_sample: skip), e.g. {'; '.join(self.examples)}"
+
     def report(self, kept: int) -> None:
         if self.count:
             log.warning(
@@ -221,9 +263,12 @@ class BadSamples:
             )
 
 
-def hold_out(pool: list, fraction: float, seed: int, where: str, instead: str) -> tuple[list, list]:
+def hold_out(
+    pool: list, fraction: float, seed: int, where: str, instead: str, bad: BadSamples | None = None
+) -> tuple[list, list]:
     """``(pool, test)``: a seeded ``fraction`` of ``pool`` held out as the test set, for data that ships
-    none. ``where`` names the data in the error; ``instead`` is the option that gives a test split."""
+    none. ``where`` names the data in the error; ``instead`` is the option that gives a test split;
+    ``bad`` (the pool's skipped samples) says why so few were usable."""
     order = list(range(len(pool)))
     random.Random(f"{seed}:holdout").shuffle(order)
     n_test = max(1, round(fraction * len(pool)))
@@ -231,6 +276,7 @@ def hold_out(pool: list, fraction: float, seed: int, where: str, instead: str) -
         raise DataError(
             f"{where}: {len(pool)} usable samples are too few to hold out a test set "
             f"(data.dataset.test_fraction {fraction}); give {instead}"
+            + (f"; {bad.summary()}" if bad is not None and bad.count else "")
         )
     held = set(order[:n_test])
     return [r for i, r in enumerate(pool) if i not in held], [r for i, r in enumerate(pool) if i in held]
@@ -297,6 +343,8 @@ class FileSource(MultimodalSource):
         self.max_samples = max_samples
         self.seed = seed
         self.skipped: dict[str, int] = {}
+        self.skip_examples: dict[str, str] = {}  # per split: how many were skipped and why, for to_data
+        self._inferred = False  # the classes were read from the training data (not given by the user)
 
     # ------------------------------------------------------------------------------ helpers
     @staticmethod
@@ -337,6 +385,7 @@ class FileSource(MultimodalSource):
                 bad(record.where, problem)
         bad.report(len(kept))
         self.skipped[split] = bad.count
+        self.skip_examples[split] = bad.summary()
         return kept
 
     @staticmethod
@@ -349,10 +398,37 @@ class FileSource(MultimodalSource):
             )
         return classes
 
+    def unknown_label(self, label: str, count: int, split: str) -> str:
+        """The problem of a sample whose label is not a class; ``count`` samples of ``split`` have it."""
+        problem = f"label {label!r} is not one of the classes {self.classes}"
+        if self._inferred:
+            return (
+                f"{problem}, the labels of the training data ({count} {split} sample(s) have it, no training "
+                "sample; list it in data.dataset.classes to keep it as a class)"
+            )
+        return f"{problem} ({count} {split} sample(s) have it)"
+
+    def warn_untrained_classes(self, pool: list[Record], test: list[Record]) -> None:
+        """Warn about classes the test set has and the training pool has not: a class listed in
+        ``classes`` (or a ``ClassLabel``), or one whose every sample was held out or skipped, is
+        evaluated but never trained."""
+        counts = [Counter(c for r in records for c in (r.label if isinstance(r.label, list) else [r.label]))
+                  for records in (pool, test)]  # fmt: skip
+        untrained = [(self.classes[c], n) for c, n in sorted(counts[1].items()) if c not in counts[0]]
+        if untrained:
+            log.warning(
+                "%s: %d test class(es) have no training sample, the model never learns them: %s",
+                self.name,
+                len(untrained),
+                ", ".join(f"{name!r} ({n} test sample(s))" for name, n in untrained),
+            )
+
     def to_data(self, records: list[Record], split: str) -> MultimodalData:
         """The split's ``MultimodalData``: labels are class ids, or multi-hot rows for a multi-label task."""
         if not records:
-            raise DataError(f"{self.name} {split}: no usable sample (skipped: {self.skipped})")
+            if self.skipped.get(split):
+                raise DataError(f"{self.name} {split}: no usable sample is left: all {self.skip_examples[split]}")
+            raise DataError(f"{self.name} {split}: no usable sample")
         if self.task == "multilabel":
             labels = torch.zeros(len(records), self.num_classes, dtype=torch.long)
             for i, record in enumerate(records):

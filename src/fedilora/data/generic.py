@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -132,12 +133,16 @@ class MultimodalTable(FileSource):
     @property
     def classes(self) -> list[str]:
         if self._classes is None:
-            pool, test, _, _ = self._parse()
-            found = {name for rows in (pool, test or []) for *_, names in rows for name in names}
+            # the training file's labels only: a test label no training row has is a bad test sample
+            # (see _records), not a class the model could never learn
+            pool, _, pool_bad, _ = self._parse()
+            found = {name for *_, names in pool for name in names}
+            if not pool and pool_bad.count:  # rows there were, each left out before its label was read
+                raise DataError(f"{self.path}: no usable row to read the classes from: all {pool_bad.summary()}")
             if not found:
                 raise DataError(f"{self.path}: no labels found in column {self.label_column!r}")
-            files = f"{self.path}" + (f" and {self.test_path}" if self.test_path not in (None, self.path) else "")
-            found_in = f"{files} (column {self.label_column!r})"
+            found_in = f"{self.path} (column {self.label_column!r})"
+            self._inferred = True
             self._classes = self.enough_classes(sorted(found, key=_natural_key), found_in)
         return self._classes
 
@@ -149,13 +154,16 @@ class MultimodalTable(FileSource):
     def load(self) -> tuple[MultimodalData, MultimodalData]:
         pool_rows, test_rows, pool_bad, test_bad = self._parse()
         self._parsed = None  # a second load() reads the files again, with fresh counts
-        pool = self._records(pool_rows, pool_bad)
+        pool = self._records(pool_rows, pool_bad, "train")
         if test_rows is None:
-            pool, test = hold_out(pool, self.test_fraction, self.seed, str(self.path), "data.dataset.test_path")
+            pool, test = hold_out(
+                pool, self.test_fraction, self.seed, str(self.path), "data.dataset.test_path", pool_bad
+            )
         else:
-            test = self._records(test_rows, test_bad)
+            test = self._records(test_rows, test_bad, "test")
         pool = self.checked(pool, "train", pool_bad)
         test = self.checked(test, "test", test_bad)
+        self.warn_untrained_classes(pool, test)
         return self.to_data(pool, "train"), self.to_data(test, "test")
 
     def _parse(self) -> tuple[list[_Row], list[_Row] | None, BadSamples, BadSamples]:
@@ -166,13 +174,14 @@ class MultimodalTable(FileSource):
             self._parsed = (pool, test, pool_bad, test_bad)
         return self._parsed
 
-    def _records(self, rows: list[_Row], bad: BadSamples) -> list[Record]:
+    def _records(self, rows: list[_Row], bad: BadSamples, split: str) -> list[Record]:
         index = {name: i for i, name in enumerate(self.classes)}
+        unknown_count = Counter(n for *_, names in rows for n in names if n not in index)
         records = []
         for where, image, text, names in rows:
             unknown = [n for n in names if n not in index]
             if unknown:
-                bad(where, f"label {unknown[0]!r} is not one of the classes {self.classes}")
+                bad(where, self.unknown_label(unknown[0], unknown_count[unknown[0]], split))
                 continue
             label = sorted({index[n] for n in names}) if self.task == "multilabel" else index[names[0]]
             records.append(Record(where, image, text, label))

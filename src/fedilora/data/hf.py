@@ -13,8 +13,9 @@ are read and checked up front, with the same rules and ``on_bad_sample`` policy 
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fedilora.data.errors import DataError
 from fedilora.data.files import (
     BadSamples,
     CheckImages,
@@ -34,6 +36,7 @@ from fedilora.data.files import (
     hold_out,
     image_problem,
     text_problem,
+    to_rgb,
 )
 from fedilora.data.generic import _natural_key
 from fedilora.data.source import MultimodalData, Task
@@ -78,15 +81,15 @@ def _decode(source: bytes | Path, where: str, size: int) -> Tensor:
     return decode_image(_NamedBytes(source, where) if isinstance(source, bytes) else source, size)
 
 
-def _problem(source: bytes | Path, where: str, level: CheckImages) -> str | None:
+def _problem(source: bytes | Path, where: str, level: CheckImages, size: int) -> str | None:
     if isinstance(source, Path):
-        return image_problem(source, level)
+        return image_problem(source, level, size)
     if level == "exists":
         return None
     try:
         with Image.open(_NamedBytes(source, where)) as image:
             if level == "decode":
-                image.load()
+                to_rgb(image, size)  # as a batch decodes it (the range of 16-bit and float images included)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         return f"image bytes cannot be decoded ({type(err).__name__}: {err})"
     return None
@@ -147,6 +150,26 @@ class HFImages:
     def __getstate__(self) -> dict:  # dataloader workers start with an empty cache
         return {**self.__dict__, "_cache": OrderedDict()}
 
+    def digest(self, sample: int) -> bytes:
+        """A hash of sample ``sample``'s image bytes (the cell's bytes, or the file's for a path), for
+        ``duplicates.count_copies``: two copies of one image hash alike whichever form holds them."""
+        table, row = self.rows[sample]
+        source = _image_source(self.tables[table][[row]][self.column][0], self.base)
+        if source is None:
+            raise DataError(f"{self.names[sample]}: the image is empty")
+        digest = hashlib.blake2b(digest_size=16)
+        if isinstance(source, bytes):
+            digest.update(source)
+            return digest.digest()
+        try:
+            with open(source, "rb") as handle:
+                while chunk := handle.read(1 << 20):
+                    digest.update(chunk)
+        except OSError as err:
+            why = err.strerror or err
+            raise DataError(f"{self.names[sample]}: image file {source} cannot be read ({why})") from None
+        return digest.digest()
+
 
 @contextmanager
 def _offline() -> Iterator[None]:
@@ -175,7 +198,7 @@ class HuggingFaceDataset(FileSource):
 
     Needs the ``datasets`` package (``pip install -e ".[hf]"``). Nothing is downloaded: the Hub is
     switched off while reading, and a Hub id such as ``user/name`` is refused unless it is a local
-    folder (download it first, e.g. ``huggingface-cli download user/name --repo-type dataset
+    folder (download it first, e.g. ``hf download user/name --repo-type dataset
     --local-dir <folder>``). Data files other than ``save_to_disk`` folders are converted to Arrow
     once by ``datasets`` into its cache (``cache_dir``) and memory-mapped from there.
 
@@ -260,7 +283,7 @@ class HuggingFaceDataset(FileSource):
             raise ConfigError("data.dataset.label_separator: must not be empty")
         self.path = Path(path).expanduser()
         if not self.path.exists():
-            hub = " (a Hub id is not read: download it first, e.g. `huggingface-cli download <id> --repo-type dataset --local-dir <folder>`)"  # noqa: E501
+            hub = " (a Hub id is not read: download it first, e.g. `hf download <id> --repo-type dataset --local-dir <folder>`)"  # noqa: E501
             raise ConfigError(
                 f"data.dataset.path: {self.path} does not exist (fedilora never downloads data)"
                 f"{hub if not Path(path).is_absolute() and path.count('/') == 1 else ''}"
@@ -295,6 +318,8 @@ class HuggingFaceDataset(FileSource):
                         f"{self.path}: no split {split!r} (splits: {', '.join(self._splits)}); set "
                         f"data.dataset.{option} to one of them{hint}"
                     )
+                if self._splits[split].num_rows == 0:
+                    raise DataError(f"{self.path}: the dataset is empty (split {split!r} has no rows)")
                 columns = self._splits[split].column_names
                 for option, column in (("image_column", self.image_column), ("text_column", self.text_column),
                                        ("label_column", self.label_column)):  # fmt: skip
@@ -320,6 +345,9 @@ class HuggingFaceDataset(FileSource):
                     )
         try:
             if kind == "disk":
+                if empty := _empty_saved_splits(self.path):
+                    which = f" (no rows in {', '.join(empty)})" if empty != [""] else ""
+                    raise DataError(f"{self.path}: the dataset is empty{which}")
                 return datasets.load_from_disk(str(self.path))
             if kind == "folder":  # datasets infers the builder and the splits from the files
                 return datasets.load_dataset(str(self.path), cache_dir=self.cache_dir)
@@ -329,6 +357,8 @@ class HuggingFaceDataset(FileSource):
             raise
         except Exception as err:  # the library's own errors for unreadable or inconsistent files
             first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            if "corresponds to no data" in first:  # load_dataset's word for data files of no rows
+                raise DataError(f"{self.path}: the dataset is empty (its data files hold no rows)") from None
             raise ConfigError(
                 f"{self.path}: cannot read it as a Hugging Face dataset ({kind}): {type(err).__name__}: {first}"
             ) from None
@@ -348,9 +378,12 @@ class HuggingFaceDataset(FileSource):
             elif self.task == "binary":
                 self._classes = ["0", "1"]
             else:
-                found = {name for split in self._used_splits() for _, names in self._labels(split) for name in names}
+                # the training splits' labels only: a test label no training sample has is a bad test
+                # sample (see _records), not a class the model could never learn
+                found = {name for split in self.train_splits for _, names in self._labels(split) for name in names}
                 if not found:
                     raise ConfigError(f"{self.path}: no labels found in column {self.label_column!r}")
+                self._inferred = True
                 self._classes = sorted(found, key=_natural_key)
         return self._classes
 
@@ -417,11 +450,14 @@ class HuggingFaceDataset(FileSource):
         pool_bad, test_bad = self.bad_samples("train"), self.bad_samples("test")
         pool = [r for split in self.train_splits for r in self._records(split, order.index(split), pool_bad)]
         if self.test_split is None:
-            pool, test = hold_out(pool, self.test_fraction, self.seed, str(self.path), "data.dataset.test_split")
+            pool, test = hold_out(
+                pool, self.test_fraction, self.seed, str(self.path), "data.dataset.test_split", pool_bad
+            )
         else:
             test = self._records(self.test_split, order.index(self.test_split), test_bad)
         images = [_image_column(t, self.image_column) for t in splits.values()]
         pool, test = self._checked(pool, "train", pool_bad, images), self._checked(test, "test", test_bad, images)
+        self.warn_untrained_classes(pool, test)
         self._splits = None  # a second load() reads the tables again, with fresh counts
         return self._data(pool, "train", images), self._data(test, "test", images)
 
@@ -430,6 +466,7 @@ class HuggingFaceDataset(FileSource):
         image is checked later, after ``max_samples``)."""
         labelled = dict(self._labels(split))
         index = {name: i for i, name in enumerate(self.classes)}
+        unknown_count = Counter(n for names in labelled.values() for n in names if n not in index)
         records = []
         for row, text in enumerate(self.splits()[split][self.text_column]):
             where = f"{self.path} split {split!r} row {row}"
@@ -442,7 +479,7 @@ class HuggingFaceDataset(FileSource):
                 continue
             unknown = [n for n in names if n not in index]
             if unknown:
-                bad(where, f"label {unknown[0]!r} is not one of the classes {self.classes}")
+                bad(where, self.unknown_label(unknown[0], unknown_count[unknown[0]], split))
                 continue
             label = sorted({index[n] for n in names}) if self.task == "multilabel" else index[names[0]]
             records.append(Record(where, (table, row), text, label))  # type: ignore[arg-type]
@@ -460,13 +497,18 @@ class HuggingFaceDataset(FileSource):
                 cells.update(zip(((table, row) for row in rows), images[table][rows][self.image_column], strict=True))
             for record in chunk:
                 source = _image_source(cells[record.image], self.base)  # type: ignore[index]
-                problem = "no image" if source is None else _problem(source, record.where, self.check_images)
+                problem = (
+                    "no image"
+                    if source is None
+                    else _problem(source, record.where, self.check_images, self.image_size)
+                )
                 if problem is None:
                     kept.append(record)
                 else:
                     bad(record.where, f"{problem} (column {self.image_column!r})")
         bad.report(len(kept))
         self.skipped[split] = bad.count
+        self.skip_examples[split] = bad.summary()
         return kept
 
     def _data(self, records: list[Record], split: str, images: list[Any]) -> MultimodalData:
@@ -474,6 +516,28 @@ class HuggingFaceDataset(FileSource):
         data.images = HFImages(images, self.image_column, [r.image for r in records], [r.where for r in records],  # type: ignore[misc]
                                self.base, self.image_size, self.cache_size)  # fmt: skip
         return data
+
+
+def _empty_saved_splits(path: Path) -> list[str]:
+    """The splits of a ``save_to_disk`` folder written without a data file (``[""]`` for a folder of one
+    ``Dataset``): a dataset of no rows, which ``load_from_disk`` cannot read back (an ``IndexError``)."""
+    import json
+
+    states = [("", path / "state.json")]
+    if (path / "dataset_dict.json").is_file():
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+        except (OSError, ValueError, AttributeError):
+            return []  # load_from_disk names what is wrong with the file
+        states = [(f"split {name!r}", path / str(name) / "state.json") for name in names]
+    empty = []
+    for name, state in states:
+        try:
+            if json.loads(state.read_text()).get("_data_files") == []:
+                empty.append(name)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return empty
 
 
 def _image_column(table: Any, column: str) -> Any:

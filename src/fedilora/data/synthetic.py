@@ -264,7 +264,8 @@ class HardSyntheticBenchmark(SyntheticBenchmark):
             raise ConfigError(f"data.dataset.distractors: must be >= 0, got {distractors}")
         if len(filler_words) != 2 or not 0 <= filler_words[0] <= filler_words[1] <= 25:
             raise ConfigError(
-                f"data.dataset.filler_words: [min, max] with 0 <= min <= max <= 25 (the text context), got {filler_words}"
+                "data.dataset.filler_words: [min, max] with 0 <= min <= max <= 25 (the text context), "
+                f"got {filler_words}"
             )
         self.square_size, self.distractors, self.filler_words = list(square_size), distractors, list(filler_words)
 
