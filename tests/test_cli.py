@@ -1,11 +1,14 @@
 import pickle
+import shutil
 
 import pytest
 import torch
 import yaml
 
+import fedilora
 from fedilora.checkpoint import digest
-from fedilora.cli import main
+from fedilora.cli import EXTERNAL, FediLoRACLI, main
+from fedilora.errors import ConfigError
 
 DEMO = "configs/demo.yaml"
 
@@ -278,3 +281,96 @@ def test_bad_editing_criterion_is_one_clear_message(capsys, tmp_path, init_args,
     assert exit_info.value.code == 2
     assert all(part in err for part in expected), err[-2000:]
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------------- conventions of argparse users
+def _main(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    out = capsys.readouterr()
+    return exit_info.value.code, out.out, out.err
+
+
+def test_help_describes_fedilora_and_lists_every_subcommand(capsys):
+    code, out, _ = _main(capsys, "--help")
+    assert code == 0
+    assert "Lightning Trainer command line tool" not in out and out.count("fedilora: federated LoRA") == 1
+    listed = out[out.index("Available subcommands") :]
+    for subcommand in ("fit", "export", "validate", *EXTERNAL):
+        assert f"\n    {subcommand} " in listed, subcommand
+    assert "compare" in EXTERNAL
+
+
+def test_version(capsys):
+    code, out, _ = _main(capsys, "--version")
+    assert code == 0 and out.startswith(f"fedilora {fedilora.__version__} (lightning ")
+
+
+def test_external_subcommand_is_not_run_as_a_lightning_subcommand():
+    with pytest.raises(ConfigError, match=r"compare: run it with fedilora\.cli\.main"):
+        FediLoRACLI(args=["compare"])
+
+
+UNKNOWN = [
+    # a prefix is not expanded (argparse's allow_abbrev): `round` must not run as `rounds`
+    (["--trainer.round", "3"], "unknown option --trainer.round (did you mean --trainer.rounds?)", "fit"),
+    (["--trainer.roundz=3"], "unknown option --trainer.roundz (did you mean --trainer.rounds?)", "fit"),
+    (["--data.missing_rat", "0.1"], "unknown option --data.missing_rat (did you mean --data.missing_rate?)", "fit"),
+    (
+        ["--data.dataset.init_args.num_trainz", "3"],
+        "unknown key data.dataset.init_args.num_trainz: fedilora.data.SyntheticBenchmark has no parameter "
+        "'num_trainz' (did you mean data.dataset.init_args.num_train?)",
+        None,
+    ),
+    (["--nothing_like_it", "1"], "unknown option --nothing_like_it; every option is listed by", "fit"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected", "help_of"), UNKNOWN, ids=[a[0] for a, _, _ in UNKNOWN])
+def test_an_unknown_option_is_one_line_with_the_closest_name(capsys, args, expected, help_of):
+    code, _, err = _run(capsys, *args, "--print_config")
+    assert code == 2
+    assert err.strip().splitlines() == [err.strip()]  # one line, no usage
+    assert expected in err
+    if help_of:
+        assert err.strip().endswith(f"every option is listed by: fedilora {help_of} --help")
+
+
+@pytest.mark.parametrize("before", [[], ["--config", DEMO]], ids=["alone", "after the demo config"])
+def test_an_unknown_key_in_a_config_file_is_one_line(capsys, tmp_path, before):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  roundz: 3\n")
+    code, _, err = _main(capsys, "validate", *before, "--config", str(bad))
+    assert code == 2 and err.strip().splitlines() == [err.strip()]
+    assert "unknown key trainer.roundz (did you mean trainer.rounds?)" in err
+
+
+def test_an_unknown_subcommand_is_one_line(capsys):
+    code, _, err = _main(capsys, "fitt")
+    assert code == 2
+    assert err.strip() == "fedilora: error: unknown subcommand 'fitt' (did you mean fit?); choose from " + ", ".join(
+        ["fit", "export", "validate", *EXTERNAL]
+    )
+
+
+def test_last_is_the_newest_checkpoint_of_the_run_whose_config_is_given(capsys, tmp_path, cli_checkpoint):
+    _, good = cli_checkpoint
+    run = tmp_path / "demo" / "version_0"
+    shutil.copytree(good.parent.parent, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["trainer"]["root_dir"] = str(tmp_path)  # as if the run had been written here
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    # a later run of the same name, with more rounds: `last` of root_dir/name; damaged, so using it fails
+    later = tmp_path / "demo" / "version_1" / "checkpoints" / "round-0009.ckpt"
+    later.parent.mkdir(parents=True)
+    later.write_bytes(_flip(good.read_bytes(), good.read_bytes().index(b"data.pkl") + 60))
+    main(["validate", "--config", str(run / "config.yaml"), "--ckpt_path", "last"])
+    out = capsys.readouterr().out
+    expected = run / "checkpoints" / "round-0001.ckpt"
+    assert f"checkpoint: {expected}\n" in out
+    assert out.index(f"checkpoint: {expected}") < out.index("| evaluation")  # named before evaluating
+    assert f"evaluated: {expected}" in out
+    # with another config, `last` keeps its meaning: the newest run of root_dir/name
+    code, out, err = _main(capsys, "validate", "--config", DEMO, *SMALL[:-4], "--trainer.root_dir", str(tmp_path),
+                           "--ckpt_path", "last")  # fmt: skip
+    assert code == 2 and f"--ckpt_path: {later} is " in err  # version_1: damaged, refused

@@ -156,3 +156,15 @@ def test_quick_comparison_writes_table_and_plots(tmp_path):
     assert "| fedilora |" in (tmp_path / "table.md").read_text()
     for plot in ("accuracy_per_round.png", "communication_per_round.png", "accuracy_vs_missing_rate.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_methods_are_required_unless_quick_or_tabulate(tmp_path, capsys):
+    # no silent default of every config: 17 methods x 3 seeds would start 51 runs
+    for argv, expected in [([], "--methods is required"), (["--method", "fedavg"], "(did you mean --methods?)")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["compare", *argv, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+    assert compare.parse_args(["--quick"])[0].methods == ["fedilora", "hetlora"]
+    assert compare.parse_args([], methods=compare.METHODS)[0].methods == compare.METHODS  # experiments/compare.py

@@ -91,9 +91,25 @@ def uninstall() -> None:
 
 
 PTH_NAME = "fedilora_torchvision.pth"
-# a .pth line that starts with "import" is executed at interpreter start; the try keeps a venv whose
-# fedilora was uninstalled starting quietly
-PTH_LINE = "import sys; exec('try:\\n    import fedilora._compat\\nexcept ImportError:\\n    pass')\n"
+# Run at every interpreter start by the .pth: load this file alone, as ``fedilora._compat``, without
+# importing the fedilora package (its __init__ may import more than a start should pay for), and
+# install the hook. A broken or uninstalled fedilora must never stop python from starting, hence the
+# broad except: the import of torchvision then fails as it would have without the hook.
+_STARTUP = """
+try:
+    import importlib.util as util
+    package = util.find_spec("fedilora")
+    if package is not None and "fedilora._compat" not in sys.modules:
+        path = package.submodule_search_locations[0] + "/_compat.py"
+        spec = util.spec_from_file_location("fedilora._compat", path)
+        module = util.module_from_spec(spec)
+        sys.modules["fedilora._compat"] = module
+        spec.loader.exec_module(module)
+        module.before_torchvision()
+except Exception:
+    sys.modules.pop("fedilora._compat", None)
+"""
+PTH_LINE = f"import sys; exec({_STARTUP!r})\n"  # a .pth line that starts with "import" is executed
 
 
 def install_startup_hook(site_dir: str | os.PathLike[str] | None = None) -> str:

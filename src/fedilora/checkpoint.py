@@ -192,14 +192,20 @@ def find_last(root_dir: str | Path, name: str) -> Path:
         if match and folder.is_dir():
             runs.append((int(match.group(1)), folder))
     for _, folder in sorted(runs, reverse=True):
-        found = []
-        for path in (folder / "checkpoints").glob("round-*.ckpt"):
-            match = _NAME.fullmatch(path.name)
-            if match:
-                found.append((int(match.group(1)), path))
-        if found:
-            return max(found)[1]
+        newest = newest_checkpoint(folder)
+        if newest is not None:
+            return newest
     raise ConfigError(f"--ckpt_path last: no checkpoint under {Path(root_dir, name)}/version_*/checkpoints")
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint of ``run_dir`` (a ``version_N`` folder) with the most rounds, or None."""
+    found = []
+    for path in Path(run_dir, "checkpoints").glob("round-*.ckpt"):
+        match = _NAME.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
 
 
 def prune(directory: Path, keep_last: int) -> None:

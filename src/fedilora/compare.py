@@ -8,7 +8,11 @@ masks) differ between the runs of a method.
     fedilora compare --methods fedilora,fedavg,hetlora --data configs/datasets/hard.yaml --seeds 0,1,2 \\
         --rounds 40 --out experiments/results/hard
     fedilora compare --out experiments/results/hard --tabulate       # only rebuild table and plots
+    fedilora compare --quick                                         # seconds: fedilora and hetlora
     fedilora compare --methods fedilora,fedavg --seeds 0 -- --trainer.max_local_steps 5   # any fit option
+
+``--methods`` is required (a run per method and seed: the 17 method configs over 3 seeds would be 51
+runs), except with ``--quick`` (fedilora and hetlora) and ``--tabulate``; ``--help`` lists the configs.
 
 A comparison resumes: run the same command again and the runs already in ``<out>/runs.json`` are
 skipped, and a run that was interrupted continues from its last checkpoint (``--ckpt_path last``). A
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -346,18 +352,36 @@ def _names(values: list[str]) -> list[str]:
     return [v for value in values for v in value.split(",") if v]
 
 
-def parse_args(argv: list[str], sweep_methods: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line, with the closest option for an unknown one (not the whole usage)."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            known = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+            close = difflib.get_close_matches(unknown.group(1).split("=", 1)[0], known, n=1, cutoff=0.6)
+            message += f" (did you mean {close[0]}?)" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}; see: {self.prog} --help\n")
+
+
+def parse_args(
+    argv: list[str], sweep_methods: list[str] | None = None, methods: list[str] | None = None
+) -> tuple[argparse.Namespace, list[str]]:
     """Options before ``--`` are the comparison's; those after it go to every ``fedilora fit``.
 
     ``sweep_methods``: the default of ``--sweep-methods`` (``experiments/compare.py`` sweeps, the
-    ``fedilora compare`` command does not unless asked).
+    ``fedilora compare`` command does not unless asked). ``methods``: the default of ``--methods``
+    (``experiments/compare.py``: every config); without one, ``--methods`` is required.
     """
     own, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    parser = argparse.ArgumentParser(
-        prog="fedilora compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(
+        prog="fedilora compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # `--method x` is an error, not `--methods x`
+    )  # fmt: skip
+    default = "required without --quick/--tabulate" if not methods else f"default: {','.join(methods)}"
+    default = "default: every method config" if methods == METHODS else default
     parser.add_argument("--methods", nargs="+", help=f"config names or YAML paths, comma- or space-separated "
-                        f"(default: {','.join(METHODS)})")  # fmt: skip
+                        f"({default}); configs/: {','.join(METHODS)}")  # fmt: skip
     parser.add_argument("--data", help="dataset group YAML for every method, e.g. configs/datasets/hard.yaml")
     parser.add_argument("--model", help="model group YAML for every method, e.g. configs/common/model.yaml")
     parser.add_argument("--seeds", nargs="+", help="seeds, e.g. 0,1,2 (default)")
@@ -372,7 +396,10 @@ def parse_args(argv: list[str], sweep_methods: list[str] | None = None) -> tuple
                         "2 steps (tiny data without --data)")  # fmt: skip
     args = parser.parse_args(own)
     quick = args.quick
-    args.methods = _names(args.methods) if args.methods else (["fedilora", "hetlora"] if quick else METHODS)
+    if not (args.methods or methods or quick or args.tabulate):
+        parser.error("--methods is required, e.g. --methods fedilora,fedavg,hetlora (a run per method and seed); "
+                     "--quick runs fedilora and hetlora in seconds")  # fmt: skip
+    args.methods = _names(args.methods) if args.methods else (["fedilora", "hetlora"] if quick else methods or [])
     sweep = _names(args.sweep_methods) if args.sweep_methods is not None else list(sweep_methods or [])
     args.sweep_methods = sweep[:1] if quick and args.sweep_methods is None else sweep
     try:
@@ -422,8 +449,8 @@ def compare(args: argparse.Namespace, overrides: list[str], log=print) -> str:
     return table
 
 
-def main(argv: list[str] | None = None, sweep_methods: list[str] | None = None) -> None:
-    args, overrides = parse_args(sys.argv[1:] if argv is None else list(argv), sweep_methods)
+def main(argv: list[str] | None = None, sweep_methods: list[str] | None = None, methods: list[str] | None = None):
+    args, overrides = parse_args(sys.argv[1:] if argv is None else list(argv), sweep_methods, methods)
     try:
         print(compare(args, overrides))
     except ConfigError as err:
