@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
+import torch
 
 from fedilora.aggregation import FedAvg
+from fedilora.checkpoint import digest
 from fedilora.cli import main
 from fedilora.data import FederatedDataModule, HuggingFaceDataset
 from fedilora.editing import ModelEditing
@@ -14,6 +18,7 @@ from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
 from fedilora.trainer import FederatedTrainer
 from helpers import tiny_datamodule
+from test_export import nan_head, tamper_tensor_data
 from test_hf import saved
 
 
@@ -125,8 +130,56 @@ def test_bad_inputs_are_one_clear_error(run, tmp_path):
     for name in ("adapter_config.json", "head.safetensors", "fedilora.json"):
         (damaged / name).write_bytes((root / "export" / "global" / name).read_bytes())
     (damaged / "adapter_model.safetensors").write_bytes(b"\x00" * 10)  # truncated
-    with pytest.raises(ConfigError, match=r"--adapter: .*damaged cannot be read"):
+    with pytest.raises(ConfigError, match=r"--adapter: .*damaged/adapter_model\.safetensors does not match its SHA"):
         _validate(root, adapter=str(damaged))
+    meta = json.loads((damaged / "fedilora.json").read_text())
+    del meta["sha256"]  # as an export written before digests existed: the truncated file is still refused
+    (damaged / "fedilora.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match=r"--adapter: .*damaged/adapter_model\.safetensors cannot be read"):
+        _validate(root, adapter=str(damaged))
+
+
+def test_an_export_altered_after_export_is_refused_naming_the_file(run, tmp_path):
+    """400 bytes of tensor data changed: the file still parses, and gave other figures before digests."""
+    root, _ = run
+    copy = tmp_path / "export"
+    shutil.copytree(root / "export", copy)
+    tamper_tensor_data(copy / "global" / "adapter_model.safetensors")
+    with pytest.raises(ConfigError) as refused:
+        _validate(root, adapter=str(copy))
+    assert str(refused.value).startswith(f"--adapter: {copy / 'global' / 'adapter_model.safetensors'} does not match")
+    assert "altered or damaged after export" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_an_export_with_a_nan_head_is_refused_naming_the_file_and_tensor(run, tmp_path):
+    root, _ = run
+    copy = tmp_path / "export"
+    shutil.copytree(root / "export", copy)
+    nan_head(copy / "global")  # digests updated: as if the export had been written with this head
+    with pytest.raises(ConfigError, match=r"^--adapter: .*global/head\.safetensors: tensor head\.\d\.\w+ has NaN"):
+        _validate(root, adapter=str(copy))
+
+
+def test_a_checkpoint_with_nan_in_its_global_state_is_refused_by_validate_export_and_resume(run, tmp_path):
+    root, _ = run
+    source = root / "fedilora" / "version_0" / "checkpoints" / "round-0002.ckpt"
+    content = torch.load(source, weights_only=True)
+    key = sorted(content["global_lora"])[0]
+    content["global_lora"][key] = torch.full_like(content["global_lora"][key], float("nan"))
+    del content["digest"]
+    content["digest"] = digest(content)  # a consistent file: only the content check can refuse it
+    bad = tmp_path / "fedilora" / "version_0" / "checkpoints" / "round-0002.ckpt"
+    bad.parent.mkdir(parents=True)
+    torch.save(content, bad)
+    expected = rf"^--ckpt_path: {re.escape(str(bad))}: tensor global_lora\[{re.escape(key)}\] has NaN values"
+    out = tmp_path / "x"
+    with pytest.raises(ConfigError, match=expected):
+        _validate(root, ckpt_path=str(bad))
+    with pytest.raises(ConfigError, match=expected):
+        _trainer(tmp_path).export(LoRACLIPClassifier(num_classes=12), _data(), ckpt_path="last", out=str(out))
+    assert not out.exists()
+    with pytest.raises(ConfigError, match=expected):  # resume
+        _trainer(tmp_path, rounds=3).fit(LoRACLIPClassifier(num_classes=12), _data(), ckpt_path=str(bad))
 
 
 def _cli(capsys, *args):

@@ -178,7 +178,24 @@ def load_checkpoint(fabric: Fabric, path: str | Path) -> dict[str, Any]:
     stored = content.pop("digest", None)
     if stored != digest(content):
         raise ConfigError(f"--ckpt_path: {path} is corrupted (its content does not match its SHA-256 digest)")
+    for part in ("global_lora", "global_extra", "base_weights"):  # the model states a run resumes or exports
+        check_finite(content.get(part) or {}, f"--ckpt_path: {path}", part)
+    for client, state in (content.get("personal") or {}).items():  # in-checkpoint ones; spilled files on load
+        for part in ("lora", "extra"):
+            check_finite(state.get(part) or {}, f"--ckpt_path: {path}", f"personal[{client}].{part}")
     return content
+
+
+def check_finite(tensors: Mapping[str, Any], where: str, part: str = "") -> None:
+    """Refuse a model state with a NaN or infinite value: one ``ConfigError`` naming ``where`` (the file)
+    and the tensor. Such a model predicts one constant class; it must never be evaluated as a result."""
+    for name, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            kind = "NaN" if bool(torch.isnan(value).any()) else "infinite"
+            tensor = f"{part}[{name}]" if part else name
+            raise ConfigError(
+                f"{where}: tensor {tensor} has {kind} values; a model with non-finite parameters is refused"
+            )
 
 
 def find_last(root_dir: str | Path, name: str) -> Path:

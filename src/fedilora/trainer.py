@@ -388,7 +388,10 @@ class FederatedTrainer:
         completed = self._restore(model, ckpt_path)
         root = Path(out)
         written = export_adapters(model, root, (global_rank, self.global_lora, self.global_extra), self.personal,
-                                  completed_rounds=completed, backbone_seed=self.seed, overwrite=overwrite)  # fmt: skip
+                                  completed_rounds=completed, backbone_seed=self.seed, overwrite=overwrite,
+                                  classes=getattr(datamodule.dataset, "classes", None),
+                                  image_size=getattr(datamodule.dataset, "image_size", None),
+                                  base_weights_changed=self.server.merges_into_base)  # fmt: skip
         self.fabric.print(f"exported {len(written)} adapters (global + {len(written) - 1} clients) to {root}")
         return root
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fedilora.aggregation import rank_axis
 from fedilora.backbone import adapter_name
-from fedilora.checkpoint import find_last, load_checkpoint
+from fedilora.checkpoint import check_finite, find_last, load_checkpoint
 from fedilora.data.datamodule import CONDITIONS, Condition, FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.evaluation import evaluate_global, evaluate_personalized
@@ -63,6 +63,10 @@ def from_checkpoint(trainer: FederatedTrainer, ckpt_path: str) -> Models:
     store = PersonalStore()
     store.load(state["personal"], path.parent)  # a spilled state's file is checked, then read here
     personal = dict(store.items())
+    for client, (_, lora, extra) in personal.items():  # states spilled to files (load_checkpoint checked the rest)
+        spilled = state["personal"][str(client)].get("file")
+        if spilled is not None:
+            check_finite({**lora, **extra}, f"--ckpt_path: {path.parent / spilled}", f"personal[{client}]")
     global_rank = max(v.shape[0] for k, v in state["global_lora"].items() if rank_axis(k) == 0)
     ranks = config.get("trainer.ranks", global_rank)
     aggregator = config.get("trainer.aggregator.class_path", config.get("trainer.aggregator"))
@@ -117,22 +121,20 @@ def from_adapter(adapter: str) -> Models:
 
 
 def _read_adapter(folder: Path) -> tuple[dict, int, State, State]:
-    from peft.utils import load_peft_weights
+    """One exported folder, its files checked against their digests and its tensors for NaN and infinity."""
+    from fedilora.export import read_tensors, verify_export
 
-    from fedilora.export import load_head
-
-    for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "fedilora.json"):
-        if not (folder / name).is_file():
-            raise ConfigError(f"--adapter: {folder} has no {name} (an export writes all four files)")
+    meta = verify_export(folder, "--adapter")
+    lora = read_tensors(folder / "adapter_model.safetensors", "--adapter")
+    extra = read_tensors(folder / "head.safetensors", "--adapter")
     try:
-        meta = json.loads((folder / "fedilora.json").read_text())
         config = json.loads((folder / "adapter_config.json").read_text())
-        lora = {k.removeprefix(_PEFT_PREFIX): v for k, v in load_peft_weights(str(folder), device="cpu").items()}
-        extra = load_head(folder)
-    except Exception as err:  # bad JSON, truncated safetensors: a damaged export
-        raise ConfigError(f"--adapter: {folder} cannot be read ({type(err).__name__}: {err})") from None
+        rank = int(config["r"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problem = f"{type(err).__name__}: {err}"
+        raise ConfigError(f"--adapter: {folder / 'adapter_config.json'} cannot be read ({problem})") from None
     meta["lora_alpha"] = config.get("lora_alpha")
-    return meta, int(config["r"]), lora, extra
+    return meta, rank, {k.removeprefix(_PEFT_PREFIX): v for k, v in lora.items()}, extra
 
 
 def _head_out(extra: Mapping[str, Tensor]) -> int | None:
