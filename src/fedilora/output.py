@@ -9,6 +9,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
 from safetensors.torch import save_file
@@ -20,6 +21,10 @@ from fedilora.errors import ConfigError
 
 class RunOutput:
     """The run folder ``root_dir/name/version_N`` of one TensorBoard logger.
+
+    TensorBoard's step is the round's number, 1 for the first round (``round_index + 1``), as in the
+    progress bar, the checkpoint names (``round-0001.ckpt``) and ``fedilora compare``'s tables; the
+    engine's round index (``history``'s ``round``, the callbacks' ``round``) counts from 0.
 
     Args:
         logger: The run's TensorBoard logger (its ``log_dir`` is the run folder).
@@ -47,16 +52,28 @@ class RunOutput:
                 f"trainer.root_dir: cannot write the run directory {self.log_dir} ({err.strerror})"
             ) from None
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        self.logger.log_metrics(dict(metrics), step=step)  # the logger writes on rank 0 only
+    def log_metrics(self, metrics: Mapping[str, float], round_index: int) -> None:
+        self.logger.log_metrics(dict(metrics), step=round_index + 1)  # the logger writes on rank 0 only
 
-    def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+    def log_histogram(self, tag: str, values: Tensor, round_index: int) -> None:
         if self.is_writer:
-            self.logger.experiment.add_histogram(tag, values, step)
+            self.logger.experiment.add_histogram(tag, values, round_index + 1)
 
-    def log_text(self, tag: str, text: str, step: int) -> None:
+    def log_text(self, tag: str, text: str, round_index: int) -> None:
         if self.is_writer:
-            self.logger.experiment.add_text(tag, text, step)
+            self.logger.experiment.add_text(tag, text, round_index + 1)
+
+    def log_hparams(self, config: str | Mapping | None, last: Mapping[str, float]) -> None:
+        """The run's configuration (the resolved YAML, or a flat ``{"trainer.seed": 0}``) and its final
+        evaluation, ``last`` (the last ``history`` entry): one row of TensorBoard's HParams view per run,
+        named ``trainer/seed`` etc. either way."""
+        if isinstance(config, str):
+            params = yaml.safe_load(config) or {}  # nested: the logger joins the keys with "/"
+        else:
+            params = {str(k).replace(".", "/"): v for k, v in (config or {}).items()}
+        final = {k: v for k, v in last.items() if k.startswith(("global/", "personalized/mean/"))}
+        if self.is_writer and params and final:
+            self.logger.log_hyperparams(params, metrics=final, step=int(last["round"]) + 1)
 
     def save_checkpoint(self, fabric: Fabric, state: dict, keep_last: int) -> Path:
         """``checkpoints/round-NNNN.ckpt`` of ``state`` (atomic, every process takes part), keeping the

@@ -308,6 +308,7 @@ class FederatedTrainer:
             dynamic_ncols=True,
             disable=not (self.progress and fabric.is_global_zero),
         )
+        self._bar_loss = ""
         self._snapshot = self._state(model, start_round) if start_round else None
         with self._sigint_stops_at_a_safe_point():
             try:
@@ -321,7 +322,10 @@ class FederatedTrainer:
                     if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
                         metrics.update(self.evaluate(model, datamodule))
                     fabric.call("on_round_end", trainer=self, round=round_, metrics=metrics)
-                    self.output.log_metrics(metrics, step=round_)
+                    self.output.log_metrics(metrics, round_)
+                    if "train/loss" in metrics:  # in the bar: the round's mean training loss over its clients
+                        self._bar_loss = f" | train loss {metrics['train/loss']:.4g} (round {round_ + 1})"
+                        self._bar.set_postfix_str(self._bar_loss[3:], refresh=False)
                     self.history.append({"round": round_, **metrics})
                     self._snapshot = self._state(model, round_ + 1)
                     if round_ + 1 == self.rounds or (
@@ -354,6 +358,9 @@ class FederatedTrainer:
             results["privacy"] = self.privacy.summary()
         fabric.call("on_fit_end", trainer=self, results=results)
         self.output.write_results(results)
+        if self.history:  # without the CLI's YAML: the fingerprint's config, which leaves out the run length
+            config = self.config_yaml or {**self._fingerprint["config"], "trainer.rounds": self.rounds}
+            self.output.log_hparams(config, self.history[-1])
         self.output.finalize("failed" if problem else "success")
         if problem is not None:
             raise RunFailed(problem, results)
@@ -585,7 +592,8 @@ class FederatedTrainer:
         if self._bar is None or self._bar.disable:
             return
         self._bar.set_postfix_str(
-            f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}", refresh=False
+            f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}{self._bar_loss}",
+            refresh=False,
         )
         now = time.monotonic()
         if now - getattr(self, "_last_refresh", 0.0) > 0.5:
@@ -593,6 +601,7 @@ class FederatedTrainer:
             self._last_refresh = now
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
+        """``step``: the ``round`` (from 0) a hook received; TensorBoard shows it as round ``step + 1``."""
         self.output.log_histogram(tag, values, step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
