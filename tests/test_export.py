@@ -282,3 +282,38 @@ def test_stock_peft_loads_an_adapter_without_attention_exactly(tmp_path):
                 expected = getattr(ours.clip, encode)(x, normalize=True)
                 torch.testing.assert_close(getattr(stock.get_base_model(), encode)(x, normalize=True), expected)
                 assert (getattr(plain, encode)(x, normalize=True) - expected).abs().max() > 1e-3  # the adapter acts
+
+
+# ----------------------------------------------------------------------------------------- --merged
+def test_merged_export_loads_with_plain_open_clip_and_gives_validates_logits(run):
+    """``export --merged``: open_clip's own folder layout, the LoRA merged in; plain open_clip plus the head
+    computes the logits of the model validate evaluates, and so does the peft-format export beside it."""
+    root, _, model, _, states, batch = run
+    out = root / "merged"
+    trainer = _trainer(root, seed=3)
+    trainer.export(LoRACLIPClassifier(num_classes=12, head_dropout=0.0), tiny_datamodule(num_clients=3),
+                   ckpt_path="last", out=str(out), merged=True)  # fmt: skip
+    complete = {**batch, "image_present": torch.ones_like(batch["image_present"]),
+                "text_present": torch.ones_like(batch["text_present"])}  # fmt: skip
+    manifest = json.loads((out / MANIFEST).read_text())
+    for folder, state in states.items():
+        assert {f"{folder}/open_clip_config.json", f"{folder}/open_clip_model.safetensors"} <= set(manifest["files"])
+        expected = _expected(model, state, complete)
+        torch.manual_seed(999)  # plain open_clip's random init is overwritten by the merged weights
+        clip = open_clip.create_model(f"local-dir:{out / folder}").eval()
+        head = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.GELU(), torch.nn.Dropout(0.0),
+                                   torch.nn.Linear(256, 12))  # fmt: skip
+        weights = load_file(str(out / folder / "head.safetensors"))
+        head.load_state_dict({k.removeprefix("head."): v for k, v in weights.items()})
+        pixels = model.preprocess(complete["image"])  # open_clip's normalisation (preprocess_cfg of the folder)
+        cfg = json.loads((out / folder / "open_clip_config.json").read_text())["preprocess_cfg"]
+        assert cfg["mean"] == pytest.approx(model.pixel_mean.flatten().tolist())
+        with torch.no_grad():
+            features = torch.cat([clip.encode_image(pixels, normalize=True),
+                                  clip.encode_text(complete["tokens"], normalize=True)], dim=-1)  # fmt: skip
+            torch.testing.assert_close(head.eval()(features), expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(load_classifier(out / folder)(complete), expected, rtol=1e-5, atol=1e-5)
+    # the merged weights are checked like the rest: an altered file is refused
+    tamper_tensor_data(out / "global" / "open_clip_model.safetensors")
+    with pytest.raises(ConfigError, match=r"global/open_clip_model\.safetensors does not match its SHA-256"):
+        load_classifier(out / "global")

@@ -37,6 +37,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import open_clip
 import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file, save_file
@@ -48,6 +49,8 @@ from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier, State
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "fedilora.json")
+# ``--merged``: open_clip's own folder layout (``open_clip.create_model("local-dir:<folder>")``)
+MERGED_FILES = ("open_clip_config.json", "open_clip_model.safetensors")
 MANIFEST = "fedilora-export.json"
 _MANIFEST_FORMAT = "fedilora-export-v2"  # files: {path: sha256}
 _OLD_MANIFEST_FORMATS = ("fedilora-export-v1",)  # files: [path], no digests
@@ -59,7 +62,9 @@ STOCK_PEFT_REFUSAL = (
     "or use the open_clip weights of fedilora export --merged"
 )
 log = logging.getLogger("fedilora")
-_EXPORTED = re.compile(r"(global|clients/client_\d+)/(" + "|".join(re.escape(f) for f in ADAPTER_FILES) + ")")
+_EXPORTED = re.compile(
+    r"(global|clients/client_\d+)/(" + "|".join(re.escape(f) for f in (*ADAPTER_FILES, *MERGED_FILES)) + ")"
+)
 
 
 def write_adapter(
@@ -69,8 +74,10 @@ def write_adapter(
     extra: Mapping[str, Tensor],
     directory: Path,
     info: Mapping[str, object],
+    merged: bool = False,
 ) -> Path:
-    """Load one client's (or the global) state into the model and save it with peft's own writer."""
+    """Load one client's (or the global) state into the model and save it with peft's own writer;
+    ``merged``: also open_clip's weights with the adapter merged in (``MERGED_FILES``)."""
     model.load_client_state(rank, lora, extra)
     directory.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
@@ -87,6 +94,8 @@ def write_adapter(
     if any(isinstance(m, FunctionalLoraMHA) for m in model.backbone.modules()):
         config["target_modules"] = STOCK_PEFT_REFUSAL
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True))
+    if merged:
+        write_merged(model, rank, directory)
     meta = {
         "model_name": model.model_name,
         "pretrained": model.pretrained,
@@ -100,10 +109,47 @@ def write_adapter(
         "model_args": {k: v for k, v in dict(model.hparams).items() if not str(k).startswith("_")},
         "target_modules": targets,
         **info,
-        "sha256": {name: file_sha256(directory / name) for name in ADAPTER_FILES[:3]},
+        "merged": merged,
+        "sha256": {name: file_sha256(directory / name) for name in (*ADAPTER_FILES[:3], *MERGED_FILES[: 2 * merged])},
     }
     (directory / "fedilora.json").write_text(json.dumps(meta, indent=2))
     return directory
+
+
+@torch.no_grad()
+def merged_clip_state(model: LoRACLIPClassifier, rank: int) -> dict[str, Tensor]:
+    """The open_clip state dict of ``model`` with its rank-``rank`` adapter merged: W + s * B @ A per module.
+
+    The deltas are peft's own (``get_delta_weight``), added once, as ``FunctionalLoraMHA`` does in the
+    forward pass (peft's own merge of ``nn.MultiheadAttention`` adds out_proj's twice). Frozen weights a
+    run changed (FLoRA's merges) are in the base layers already.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapter = adapter_name(rank)
+    plain = lambda name: name.replace(".base_layer", "")  # noqa: E731  (peft's wrappers add this level)
+    state = {plain(k): v.detach().clone() for k, v in model.clip.state_dict().items() if ".lora_" not in k}
+    for name, module in model.clip.named_modules():
+        if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
+            continue
+        base = module.get_base_layer()
+        weight = "in_proj_weight" if isinstance(base, nn.MultiheadAttention) else "weight"  # out_proj: its own Linear
+        state[f"{plain(name)}.{weight}"] = getattr(base, weight) + module.get_delta_weight(adapter)
+    return state
+
+
+def write_merged(model: LoRACLIPClassifier, rank: int, directory: Path) -> None:
+    """``open_clip_config.json`` and ``open_clip_model.safetensors``: plain open_clip loads the folder with
+    ``open_clip.create_model("local-dir:<directory>")``."""
+    visual = model.clip.visual
+    preprocess = {"size": list(model.image_size), "mean": [float(v) for v in model.pixel_mean.flatten()],
+                  "std": [float(v) for v in model.pixel_std.flatten()],
+                  **{k: v for k, v in (getattr(visual, "preprocess_cfg", None) or {}).items()
+                     if k not in ("size", "mean", "std")}}  # fmt: skip
+    config = {"model_cfg": open_clip.get_model_config(model.model_name), "preprocess_cfg": preprocess}
+    (directory / MERGED_FILES[0]).write_text(json.dumps(config, indent=2))
+    state = {k: v.contiguous().cpu() for k, v in merged_clip_state(model, rank).items()}
+    save_file(state, str(directory / MERGED_FILES[1]))
 
 
 def check_export_target(root: Path, overwrite: bool) -> None:
@@ -160,6 +206,7 @@ def export_adapters(
     classes: Sequence[str] | None = None,
     image_size: int | None = None,
     base_weights_changed: bool = False,
+    merged: bool = False,
 ) -> list[Path]:
     """Write ``root/global`` and ``root/clients/client_<k>`` and list their files in ``root/fedilora-export.json``.
 
@@ -167,12 +214,13 @@ def export_adapters(
     this export does not have); a file it did not write is never touched, and one in the way is refused.
     ``classes`` (the data's class names, in label order) become ``id2label``; ``image_size`` is the side
     the data's images were decoded to; ``base_weights_changed`` marks a run that merged its adapters into
-    the backbone (FLoRA), whose adapter alone is not the model.
+    the backbone (FLoRA), whose adapter alone is not the model. ``merged``: each folder also holds
+    open_clip's weights with its adapter merged (``MERGED_FILES``), for plain open_clip.
     """
     check_export_target(root, overwrite)
     adapters = {"global": (*global_state, None)}
     adapters.update({f"clients/client_{c}": (*personal[c], c) for c in sorted(personal)})
-    planned = {f"{folder}/{name}" for folder in adapters for name in ADAPTER_FILES}
+    planned = {f"{folder}/{name}" for folder in adapters for name in (*ADAPTER_FILES, *MERGED_FILES[: 2 * merged])}
     try:
         previous = _previous_export(root)
         for relative in sorted(planned - previous):
@@ -193,7 +241,7 @@ def export_adapters(
             info = {"client": client, "completed_rounds": completed_rounds, "backbone_seed": backbone_seed,
                     "id2label": {str(i): str(c) for i, c in enumerate(classes)} if classes is not None else None,
                     "image_size": image_size, "base_weights_changed": base_weights_changed}  # fmt: skip
-            written.append(write_adapter(model, rank, lora, extra, root / folder, info))
+            written.append(write_adapter(model, rank, lora, extra, root / folder, info, merged))
         _write_manifest(root, planned, digests=True)
     except OSError as err:
         raise ConfigError(f"--out: cannot write {root} ({err.strerror}: {err.filename})") from None
@@ -228,7 +276,7 @@ def _manifest_digests(folder: Path) -> tuple[Path, dict[str, str | None]] | None
             continue
         try:
             files = json.loads(manifest.read_text())["files"]
-            listed = {f"{absolute.relative_to(root).as_posix()}/{name}": name for name in ADAPTER_FILES}
+            listed = {f"{absolute.relative_to(root).as_posix()}/{n}": n for n in (*ADAPTER_FILES, *MERGED_FILES)}
             if not any(key in files for key in listed):
                 continue
             digests = files if isinstance(files, dict) else {}  # v1 manifests list names only
@@ -264,7 +312,9 @@ def verify_export(directory: str | Path, option: str = "") -> dict:
     if not expected:
         log.warning(f"{folder}: no content digests (exported by an earlier fedilora): its files cannot be checked")
     for name, digest, source in expected:
-        if name not in ADAPTER_FILES or file_sha256(folder / name) != digest:
+        if name in MERGED_FILES and not (folder / name).is_file():
+            raise ConfigError(f"{prefix}{folder} has no {name}, which {source} lists")
+        if name not in (*ADAPTER_FILES, *MERGED_FILES) or file_sha256(folder / name) != digest:
             raise ConfigError(
                 f"{prefix}{folder / name} does not match its SHA-256 digest in {source}: it was altered or damaged "
                 "after export; export the checkpoint again"

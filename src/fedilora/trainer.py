@@ -373,6 +373,7 @@ class FederatedTrainer:
         ckpt_path: str,
         out: str,
         overwrite: bool = False,
+        merged: bool = False,
     ) -> Path:
         """Write the global adapter and every client's personalized adapter of a checkpoint in peft's format.
 
@@ -382,6 +383,9 @@ class FederatedTrainer:
                 ``adapter_model.safetensors``, ``head.safetensors`` and ``fedilora.json``. It must be empty or new.
             overwrite: Replace the files an earlier export wrote to ``out`` (listed in its
                 ``fedilora-export.json``); every other file there is kept.
+            merged: Also write, in each folder, open_clip's weights with the adapter merged in
+                (``open_clip_config.json``, ``open_clip_model.safetensors``): plain open_clip loads them with
+                ``open_clip.create_model("local-dir:<folder>")``; ``head.safetensors`` is the classifier head.
         """
         from fedilora.export import check_export_target, export_adapters
 
@@ -398,7 +402,7 @@ class FederatedTrainer:
                                   completed_rounds=completed, backbone_seed=self.seed, overwrite=overwrite,
                                   classes=getattr(datamodule.dataset, "classes", None),
                                   image_size=getattr(datamodule.dataset, "image_size", None),
-                                  base_weights_changed=self.server.merges_into_base)  # fmt: skip
+                                  base_weights_changed=self.server.merges_into_base, merged=merged)  # fmt: skip
         self.fabric.print(f"exported {len(written)} adapters (global + {len(written) - 1} clients) to {root}")
         return root
 
