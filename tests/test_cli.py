@@ -283,6 +283,41 @@ def test_bad_editing_criterion_is_one_clear_message(capsys, tmp_path, init_args,
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["../../x", "a/../../../x", "/tmp/elsewhere", "..", ""])
+def test_a_run_name_cannot_leave_root_dir(capsys, tmp_path, name):
+    root = tmp_path / "a" / "b"
+    code, _, err = _run(capsys, "--trainer.root_dir", str(root), "--trainer.name", name)
+    assert code == 2 and "Traceback" not in err
+    assert f"trainer.name: a run name is one folder name inside trainer.root_dir (no '/', '\\' or '..'), got {name!r}" \
+        in err
+    assert list(tmp_path.rglob("*")) == []  # no folder made anywhere, inside root_dir or out of it
+
+
+@pytest.mark.parametrize("seed", ["-5", "12345678901234567890", "4294967296"])
+def test_a_seed_out_of_range_is_one_line_naming_the_range(capsys, tmp_path, seed):
+    code, _, err = _run(capsys, "--trainer.root_dir", str(tmp_path), "--trainer.seed", seed)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"trainer.seed: must be an integer in [0, 4294967295] (what Lightning's seed_everything accepts), " \
+           f"got {seed}" in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("model.lr", ".nan", "model.lr: must be a finite number, got nan"),
+        ("model.lr", ".inf", "model.lr: must be a finite number, got inf"),
+        ("model.weight_decay", ".nan", "model.weight_decay: must be a finite number, got nan"),
+        ("model.weight_decay", "-0.1", "model.weight_decay: must be >= 0, got -0.1"),
+        ("model.lora_scale", ".inf", "model.lora_scale: must be a finite number, got inf"),
+        ("model.lora_alpha", ".nan", "model.lora_alpha: must be a finite number, got nan"),
+    ],
+)
+def test_non_finite_model_floats_are_refused_naming_the_key(capsys, tmp_path, option, value, expected):
+    code, _, err = _run(capsys, "--trainer.root_dir", str(tmp_path), f"--{option}", value)
+    assert code == 2 and expected in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())  # refused before a run folder exists
+
+
 # ---------------------------------------------------------------------- conventions of argparse users
 def _main(capsys, *args):
     with pytest.raises(SystemExit) as exit_info:

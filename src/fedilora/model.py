@@ -8,6 +8,7 @@ its adapter and head tensors in (``load_client_state``), and swapped out by copy
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
@@ -92,6 +93,12 @@ class LoRACLIPClassifier(L.LightningModule):
             raise ConfigError(f"model.task: unknown task {task!r}; allowed: multiclass, multilabel, binary")
         if missing_strategy not in ("zero", "learned"):
             raise ConfigError(f"model.missing_strategy: unknown {missing_strategy!r}; allowed: zero, learned")
+        for option, value in (("lr", lr), ("weight_decay", weight_decay), ("lora_scale", lora_scale),
+                              ("lora_alpha", lora_alpha)):  # fmt: skip
+            if value is not None and not math.isfinite(value):  # NaN passes every "> 0" check
+                raise ConfigError(f"model.{option}: must be a finite number, got {value}")
+        if weight_decay < 0:
+            raise ConfigError(f"model.weight_decay: must be >= 0, got {weight_decay}")
         if lora_scale <= 0 or (lora_alpha is not None and lora_alpha <= 0):
             raise ConfigError("model.lora_scale and model.lora_alpha must be > 0")
         if not 0.0 <= lora_dropout < 1.0 or not 0.0 <= head_dropout < 1.0:

@@ -21,6 +21,7 @@ import torch
 from jsonargparse import lazy_instance
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
+from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -154,6 +155,16 @@ class FederatedTrainer:
             raise ConfigError(f"trainer.checkpoint_every: must be >= 1 or null, got {checkpoint_every}")
         if keep_last < 1:
             raise ConfigError(f"trainer.keep_last: must be >= 1, got {keep_last}")
+        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:  # the run folder stays in root_dir
+            raise ConfigError(
+                "trainer.name: a run name is one folder name inside trainer.root_dir (no '/', '\\' or '..'), "
+                f"got {name!r}"
+            )
+        if isinstance(seed, bool) or not min_seed_value <= seed <= max_seed_value:
+            raise ConfigError(
+                f"trainer.seed: must be an integer in [{min_seed_value}, {max_seed_value}] (what Lightning's "
+                f"seed_everything accepts), got {seed}"
+            )
         if personal_memory_mb is not None and not personal_memory_mb >= 0:
             raise ConfigError(f"trainer.personal_memory_mb: must be >= 0 or null (no limit), got {personal_memory_mb}")
         if not isinstance(aggregator, Aggregator):
