@@ -6,10 +6,15 @@ import io
 import sys
 
 import pytest
+import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from fedilora.cli import main
+from fedilora.data import FederatedDataModule, MultimodalTable
 from fedilora.model import LoRACLIPClassifier
+from fedilora.output import majority_warning
 from fedilora.trainer import FederatedTrainer
 from helpers import tiny_datamodule
 
@@ -59,3 +64,60 @@ def test_the_progress_bar_shows_the_training_loss(run):
     trainer, _, err = run
     for round_, entry in enumerate(trainer.history, start=1):
         assert f"train loss {entry['train/loss']:.4g} (round {round_})" in err
+
+
+# ------------------------------------------------------------------------- own data: classes, majority
+def _write_table(folder, name: str, labels: list[str]) -> str:
+    """A CSV of coloured 8 px squares, one per label, with texts naming the colour."""
+    colours = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220)}
+    (folder / "images").mkdir(exist_ok=True)
+    lines = ["image,text,label"]
+    for k, label in enumerate(labels):
+        path = f"images/{name}_{k}.png"
+        Image.new("RGB", (8, 8), colours[label]).save(folder / path)
+        lines.append(f"{path},a {label} square number {k},{label}")
+    (folder / f"{name}.csv").write_text("\n".join(lines) + "\n")
+    return str(folder / f"{name}.csv")
+
+
+def test_class_counts_majority_and_summary(tmp_path):
+    train = _write_table(tmp_path, "train", ["red"] * 5 + ["green"] * 3 + ["blue"] * 2)
+    test = _write_table(tmp_path, "test", ["blue"] * 4 + ["red"])
+    data = FederatedDataModule(dataset=MultimodalTable(train, test_path=test, image_size=8), num_clients=2)
+    data.setup("fit")
+    assert data.class_names() == ["blue", "green", "red"]  # sorted distinct labels
+    assert data.class_counts["train"].tolist() == [2, 3, 5] and data.class_counts["test"].tolist() == [4, 0, 1]
+    assert data.majority() == ("blue", 0.8)
+    assert data.class_summary() == ("classes (training pool 10 / global test 5 samples): red 5/1, green 3/0, "
+                                    "blue 2/4; majority class 'blue': 80.0% of the global test set")  # fmt: skip
+    assert data.class_summary(with_train=False, shown=2) == (
+        "classes (global test, 5 samples): red 1, green 0, ... (1 more); majority class 'blue': 80.0% of the "
+        "global test set"
+    )
+
+
+def test_majority_warning_flags_what_a_constant_predictor_would_score():
+    results = {"global": {"complete": {"acc": 0.52, "f1_macro": 0.34}, "image_only": {"acc": 0.71}}}
+    warning = majority_warning(results, ("cat", 0.52))  # 0.52: exactly predicting "cat" for everything
+    assert warning is not None and "(complete 0.5200) is not above 0.5200" in warning and "image only" not in warning
+    assert "'cat'" in warning
+    results["global"]["complete"]["acc"] = 0.53
+    assert majority_warning(results, ("cat", 0.52)) is None
+    assert majority_warning(results, None) is None  # multi-label: no majority share
+
+
+def test_own_data_config_runs_and_prints_classes_and_the_warning(tmp_path, capsys):
+    # configs/own_data.yaml as the README runs it, on a tiny CSV; the global test set is all "blue", so
+    # the majority share is 1.0 and no model can score above it: the warning must be printed
+    train = _write_table(tmp_path, "train", ["red", "green", "blue"] * 10)
+    test = _write_table(tmp_path, "test", ["blue"] * 6)
+    main(["fit", "--config", "configs/own_data.yaml", "--data.dataset.init_args.path", train,
+          "--data.dataset.init_args.test_path", test, "--trainer.rounds", "2", "--trainer.root_dir", str(tmp_path),
+          "--trainer.progress", "false"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "classes (training pool 30 / global test 6 samples): blue 10/6, green 10/0, red 10/0; majority class " \
+           "'blue': 100.0% of the global test set" in out
+    assert "is not above 1.0000, the share of the majority class 'blue'" in out
+    config = yaml.safe_load((tmp_path / "own_data" / "version_0" / "config.yaml").read_text())
+    assert config["model"]["model_name"] == "fedilora-tiny" and config["trainer"]["aggregator"]["class_path"] \
+        == "fedilora.coverage.DimensionWiseDelta"  # the default method (configs/fedilora.yaml) and the tiny model

@@ -135,6 +135,24 @@ def run_results(
     }
 
 
+def majority_warning(results: Mapping, majority: tuple[str, float] | None) -> str | None:
+    """A warning when the global model's accuracy is not above the majority-class share of the global test
+    set under some condition: any model that predicts one class for every sample scores at most that share,
+    so this catches a constant predictor as well as a model worse than one. None when all is well."""
+    if majority is None:
+        return None
+    name, share = majority
+    low = [f"{_CONDITION_NAMES.get(c, c)} {v['acc']:.4f}" for c, v in results["global"].items()
+           if "acc" in v and v["acc"] <= share + 1e-6]  # fmt: skip
+    if not low:
+        return None
+    return (
+        f"WARNING: the global model's accuracy ({', '.join(low)}) is not above {share:.4f}, the share of the "
+        f"majority class {name!r} in the global test set: it does no better than predicting {name!r} for every "
+        "sample (it may predict one class only); train longer, change model.lr or check the labels"
+    )
+
+
 _CONDITION_NAMES = {
     "complete": "complete",
     "image_only": "image only",

@@ -42,7 +42,7 @@ from fedilora.data.datamodule import Condition, FederatedDataModule
 from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.model import LoRACLIPClassifier, State
-from fedilora.output import RunOutput, run_results
+from fedilora.output import RunOutput, majority_warning, run_results
 from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore, Snapshot
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.server import (
@@ -299,6 +299,7 @@ class FederatedTrainer:
         remove_stale_temporaries(fabric, self.root_dir, self.name)
         fabric.seed_everything(self.seed)
         datamodule.setup("fit")
+        fabric.print(datamodule.class_summary(with_train=self.privacy is None))
         model.configure_model()
         model.add_ranks([*ranks, global_rank])
         model.to(fabric.device)
@@ -369,6 +370,8 @@ class FederatedTrainer:
             results["privacy"] = self.privacy.summary()
         fabric.call("on_fit_end", trainer=self, results=results)
         self.output.write_results(results)
+        if (warning := majority_warning(results, datamodule.majority())) is not None:
+            fabric.print(warning)
         if self.history:  # without the CLI's YAML: the fingerprint's config, which leaves out the run length
             config = self.config_yaml or {**self._fingerprint["config"], "trainer.rounds": self.rounds}
             self.output.log_hparams(config, self.history[-1])

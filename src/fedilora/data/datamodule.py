@@ -321,6 +321,7 @@ class FederatedDataModule(L.LightningDataModule):
         self.clients: list[dict[Split, tuple[Tensor, Tensor, Tensor]]] = []
         self.skipped: dict[str, int] = {}  # bad samples left out per split (on_bad_sample: skip)
         self.duplicates: dict[str, int] = {}  # evaluation samples that copy a training sample (setup)
+        self.class_counts: dict[str, Tensor] = {}  # samples per class of "train" (the pool) and "test" (setup)
         self._pool: WorkerPool | None = None  # the DataLoader workers (num_workers > 0), started at the first read
 
     @property
@@ -368,6 +369,39 @@ class FederatedDataModule(L.LightningDataModule):
         kind = self.missing_kinds[0] if len(set(self.missing_kinds)) == 1 else "both"
         self.test_masks = missing_masks(len(test), self.test_missing_rate, kind, seed=self.seed * 7919 - 1)
         self.duplicates = self._count_duplicates()
+        self.class_counts = {split: _class_counts(data.labels, self.num_classes) for split, data in
+                             (("train", pool), ("test", test))}  # fmt: skip
+
+    def class_names(self) -> list[str]:
+        """The dataset's class names (``classes``), else the class indices as strings."""
+        names = getattr(self.dataset, "classes", None)
+        count = len(next(iter(self.class_counts.values()))) if self.class_counts else self.num_classes
+        return [str(n) for n in names] if names and len(names) == count else [str(k) for k in range(count)]
+
+    def majority(self) -> tuple[str, float] | None:
+        """The most frequent class of the global test set and its share: the accuracy of predicting it for
+        every sample, the most any one-class predictor scores. None for multi-label data (after setup)."""
+        counts = self.class_counts.get("test")
+        if counts is None or self.task == "multilabel" or int(counts.sum()) == 0:
+            return None
+        top = int(counts.argmax())
+        return self.class_names()[top], float(counts[top]) / float(counts.sum())
+
+    def class_summary(self, with_train: bool = True, shown: int = 10) -> str:
+        """One line: samples per class of the training pool and the global test set, largest first (the
+        ``shown`` largest; a multi-label sample counts for each of its labels), and the majority share."""
+        names, train, test = self.class_names(), self.class_counts["train"], self.class_counts["test"]
+        order = sorted(range(len(names)), key=lambda k: (-int(train[k]), k))
+        if with_train:
+            head = f"classes (training pool {len(self.pool)} / global test {len(self.test)} samples): "
+            cells = [f"{names[k]} {int(train[k])}/{int(test[k])}" for k in order[:shown]]
+        else:  # under differential privacy: nothing about the clients' data
+            head = f"classes (global test, {len(self.test)} samples): "
+            cells = [f"{names[k]} {int(test[k])}" for k in order[:shown]]
+        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+        majority = self.majority()
+        share = f"; majority class {majority[0]!r}: {majority[1]:.1%} of the global test set" if majority else ""
+        return head + ", ".join(cells) + more + share
 
     def _require_two_classes(self, pool: MultimodalData) -> None:
         """A training pool of one class trains nothing and breaks the metrics: stop at setup instead."""
@@ -537,3 +571,10 @@ class FederatedDataModule(L.LightningDataModule):
                 masks[f"client{client}.{split}.text_present"] = text_present
         masks["global_test.image_present"], masks["global_test.text_present"] = self.test_masks
         return masks
+
+
+def _class_counts(labels: Tensor, num_classes: int) -> Tensor:
+    """Samples per class: class indices (multiclass, binary 0/1) or multi-hot rows (multilabel)."""
+    if labels.dim() == 2:
+        return labels.sum(dim=0).long()
+    return torch.bincount(labels.long(), minlength=max(num_classes, 2))
