@@ -35,6 +35,9 @@ DP = [
     "--trainer.privacy.init_args.clip_norm=0.05",
     "--trainer.privacy.init_args.noise_multiplier=0.3",
     "--trainer.privacy.init_args.adaptive_clipping=true",
+    # seeded noise, so that Flower and `fedilora fit` can be compared bit for bit (NOT PRIVATE: tests only)
+    "--trainer.privacy.init_args.reproducible_noise=true",
+    "--trainer.privacy.init_args.log_client_metrics=true",
 ]
 OVERRIDES = [
     "--trainer.aggregator=DimensionWise",  # the paper's rule; the DP tests run the default, DimensionWiseDelta

@@ -196,10 +196,15 @@ def _edits_line(edits: Mapping) -> str:
 
 
 def _privacy_line(privacy: Mapping) -> str:
+    if privacy.get("private") is False:  # seeded noise: anyone with the config can subtract it
+        return (
+            f"differential privacy: {privacy['noise']}: the noise can be regenerated from the config, so the "
+            f"{privacy['rounds']} noised rounds give no privacy (trainer.privacy.reproducible_noise is for tests)"
+        )
     return (
         f"differential privacy: epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g} after "
         f"{privacy['rounds']} noised rounds (noise multiplier {privacy['noise_multiplier']:.4g}, "
-        f"clip norm {privacy['clip_norm']:.4g})"
+        f"clip norm {privacy['clip_norm']:.4g}, noise {privacy.get('noise', 'secure')})"
     )
 
 

@@ -14,6 +14,11 @@ Fault filter, in order (a rejected update is left out of the aggregation and of 
    norm exceeds ``update_norm_factor`` times the round's median norm (default 10; ``null`` turns it
    off). It holds while fewer than half of a round's updates are poisoned.
 3. A round with fewer than ``min_clients_per_round`` updates left is skipped: the global state stays.
+
+Under differential privacy only the first runs (a client's own check on its own update): a rejected
+client adds a zero delta, the divisors K and n_i come from the round's plan, no round is skipped and
+the outlier rule is off, because each of those decisions would depend on other clients' data outside
+the accounted mechanism (``fedilora.privacy.dp``).
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ import torch
 from torch import Tensor
 
 from fedilora.aggregation import Aggregator, ClientUpdate, State, nbytes, sample_weights, weighted_average
-from fedilora.errors import ConfigError
+from fedilora.errors import ConfigError, RunFailed
 from fedilora.personal import Personal, PersonalStore
-from fedilora.privacy.dp import DifferentialPrivacy
-from fedilora.privacy.rounds import add_contributions, contribution, release
+from fedilora.privacy.dp import DifferentialPrivacy, coverage, released_only
+from fedilora.privacy.rounds import add_contributions, contribution, release, zero_contribution
 from fedilora.privacy.secagg import SecureAggregation
 
 NOISE_STREAM = -2  # the "client id" of the server's privacy noise in ``client_seed``
@@ -182,8 +187,15 @@ class RoundResult:
     privacy: dict[str, float] = field(default_factory=dict)  # epsilon, clip norm, secure aggregation cost
     #: bytes the clients uploaded, where the updates are not what they uploaded (None: the updates' size)
     uploaded: float | None = None
+    #: under DP without ``log_client_metrics``: report only released or public figures
+    released_only: bool = False
+    skip_reason: str = ""  # why the round was skipped, where it is not the healthy-update count
 
     def warnings(self, min_clients_per_round: int) -> list[str]:
+        if self.skip_reason:
+            return [self.skip_reason]
+        if self.released_only:  # which clients failed, and why, is about their data: not covered by epsilon
+            return []
         lines = [
             f"warning: round {self.round}: client {client} left out of the aggregation ({why})"
             for client, why in self.rejected
@@ -216,7 +228,8 @@ class RoundResult:
         )
         if not math.isnan(self.norm_ratio):  # defined with enough updates only
             metrics["round/update_norm_ratio"] = self.norm_ratio
-        return {**metrics, **self.privacy}
+        metrics = {**metrics, **self.privacy}
+        return released_only(metrics) if self.released_only else metrics
 
 
 class FederatedServer:
@@ -298,7 +311,9 @@ class FederatedServer:
         missing = [u.client_id for u in updates if "update_norm" not in u.metrics]
         if missing:
             raise ValueError(f"updates of clients {missing} were not checked (FederatedServer.check) before aggregate")
-        far, ratio = outliers([u.metrics["update_norm"] for u in updates], self.update_norm_factor)
+        dp = self.privacy is not None
+        far, ratio = ([], math.nan) if dp else outliers([u.metrics["update_norm"] for u in updates],
+                                                        self.update_norm_factor)  # fmt: skip
         if far:
             median = statistics.median(u.metrics["update_norm"] for u in updates)
             for i in far:
@@ -314,12 +329,17 @@ class FederatedServer:
         for update in updates:
             if update.client_id != POOLED:  # personalized states wait on the CPU, not in device memory
                 self.personal[update.client_id] = (update.rank, _cpu(update.lora), _cpu(update.extra))
-        skipped = self.skips(len(updates))
+        skipped = not dp and self.skips(len(updates))
         delta: State = {}
         privacy: dict[str, float] = {}
         aggregator = self.aggregator
+        skip_reason = ""
         if not skipped and (self.privacy is not None or self.secure_aggregation is not None):
-            self.global_lora, self.global_extra, privacy = self._private_aggregate(round, updates)
+            released = self._private_aggregate(round, updates)
+            if released is None:
+                skipped, skip_reason = True, self._too_few_to_unmask(round)
+            else:
+                self.global_lora, self.global_extra, privacy = released
         elif not skipped and (aggregator.communicates or aggregator.pooled):
             self.global_lora = aggregator.aggregate(self.global_lora, updates)
             self.global_extra = weighted_average([u.extra for u in updates], sample_weights(updates))
@@ -327,7 +347,13 @@ class FederatedServer:
                 delta = aggregator.last_delta
         order = {client: i for i, (client, _) in enumerate(self.plan(round))}
         rejected.sort(key=lambda r: order.get(r[0], len(order)))
-        return RoundResult(round, updates, rejected, skipped, delta, ratio, privacy)
+        return RoundResult(round, updates, rejected, skipped, delta, ratio, privacy, released_only=self.released_only,
+                           skip_reason=skip_reason)  # fmt: skip
+
+    @property
+    def released_only(self) -> bool:
+        """Under DP (unless ``log_client_metrics``), rounds report only released or public figures."""
+        return self.privacy is not None and not self.privacy.log_client_metrics
 
     def skips(self, accepted: int) -> bool:
         """Whether a round with ``accepted`` updates is skipped (fewer than ``min_clients_per_round``)."""
@@ -337,23 +363,50 @@ class FederatedServer:
         """What binds the masks of secure aggregation to this run and round (each pass appends its number)."""
         return f"seed-{self.seed}/round-{round}".encode()
 
-    def _private_aggregate(self, round: int, updates: Sequence[ClientUpdate]) -> tuple[State, State, dict[str, float]]:
+    def _too_few_to_unmask(self, round: int) -> str:
+        return (
+            f"warning: round {round} skipped: fewer than trainer.secure_aggregation.min_survivors="
+            f"{self.secure_aggregation.min_survivors} clients left to unmask; the global model is unchanged"
+        )
+
+    def _private_aggregate(
+        self, round: int, updates: Sequence[ClientUpdate]
+    ) -> tuple[State, State, dict[str, float]] | None:
         """Each update becomes its client's contribution to the sums (clipped under privacy), the sums are
-        taken (from masked vectors under secure aggregation) and released (noised under privacy)."""
+        taken (from masked vectors under secure aggregation) and released (noised under privacy). None:
+        too few clients to unmask."""
         contributions = {
             u.client_id: contribution(self.aggregator, self.global_lora, self.global_extra, u, self.privacy)
             for u in updates
         }
         if self.secure_aggregation is not None:
+            if not contributions:
+                return None
             totals, cost = self.secure_aggregation.sum(contributions, self.masking_context(round))
-        else:
+            if totals is None:
+                return None
+        elif contributions:
             totals, cost = add_contributions(list(contributions.values())), {}
+        else:  # under DP every planned client counts; none arrived, so the release is the noise alone
+            totals, cost = zero_contribution(self.global_lora, self.global_extra), {}
         lora, extra, metrics = self._release(round, totals)
         return lora, extra, {**metrics, **cost}
 
     def _release(self, round: int, totals: Mapping[str, Tensor]) -> tuple[State, State, dict[str, float]]:
-        noise = torch.Generator().manual_seed(client_seed(self.seed, round, NOISE_STREAM))
-        return release(self.aggregator, self.global_lora, self.global_extra, totals, self.privacy, noise)
+        if self.privacy is None:
+            return release(self.aggregator, self.global_lora, self.global_extra, totals, None, None)
+        # the divisors are public: every planned client counts, a missing one as a zero delta
+        ranks = [rank for _, rank in self.plan(round)]
+        totals = {**totals, "lora_weight": coverage(ranks, self.global_rank),
+                  "extra_weight": torch.tensor([float(len(ranks))], dtype=torch.float64),
+                  "count": torch.tensor([float(len(ranks))], dtype=torch.float64)}  # fmt: skip
+        noise = self.privacy.noise_generator(client_seed(self.seed, round, NOISE_STREAM))
+        lora, extra, metrics = release(self.aggregator, self.global_lora, self.global_extra, totals, self.privacy,
+                                       noise)  # fmt: skip
+        for key, value in {**lora, **extra}.items():  # never a NaN/inf model next to an epsilon
+            if not torch.isfinite(value).all():
+                raise RunFailed(f"round {round}: the released {key} has non-finite values; nothing was saved", {})
+        return lora, extra, metrics
 
     def aggregate_sums(
         self,
@@ -373,7 +426,7 @@ class FederatedServer:
         the clients. The release is ``aggregate``'s: same sums, same noise.
         """
         updates, rejected = list(updates), list(rejected)
-        skipped = totals is None or self.skips(len(updates))
+        skipped = totals is None or (self.privacy is None and self.skips(len(updates)))
         privacy: dict[str, float] = dict(cost)
         if not skipped:
             counted = int(totals["count"].item())
@@ -384,7 +437,8 @@ class FederatedServer:
         order = {client: i for i, (client, _) in enumerate(self.plan(round))}
         rejected.sort(key=lambda r: order.get(r[0], len(order)))
         uploaded = float(cost.get("secagg/bytes_uploaded", 0.0))
-        return RoundResult(round, updates, rejected, skipped, privacy=privacy, uploaded=uploaded)
+        return RoundResult(round, updates, rejected, skipped, privacy=privacy, uploaded=uploaded,
+                           released_only=self.released_only)  # fmt: skip
 
     # --------------------------------------------------------------------------------- evaluation
     def global_models(self) -> Sequence[Personal]:
@@ -423,6 +477,13 @@ class FederatedServer:
         self.personal.load(state["personal"], folder)  # on the CPU, as the round step keeps them
         if hasattr(self.aggregator, "load_state_dict"):
             self.aggregator.load_state_dict(state["aggregator"])
+        if (self.privacy is None) != (not state["privacy"]):  # a DP run resumed without DP, or the reverse
+            had = "with" if state["privacy"] else "without"
+            raise ConfigError(
+                f"--ckpt_path: the checkpoint's rounds ran {had} trainer.privacy and this config "
+                f"{'has none' if self.privacy is None else 'adds it'}; a resume must keep the privacy settings "
+                "(start a new run to change them)"
+            )
         if self.privacy is not None:  # the accountant goes on from the checkpoint: epsilon stays exact
             self.privacy.load_state_dict(state["privacy"])
 

@@ -45,6 +45,7 @@ from fedilora.model import LoRACLIPClassifier, State
 from fedilora.output import RunOutput, majority_warning, run_results
 from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore, Snapshot
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
+from fedilora.privacy.dp import released_only
 from fedilora.server import (
     POOLED,
     FederatedServer,
@@ -246,7 +247,7 @@ class FederatedTrainer:
         if self.privacy is not None:
             self.privacy.setup(name, len(ranks), per_round, self.rounds)
         if self.secure_aggregation is not None:
-            self.secure_aggregation.setup(name)
+            self.secure_aggregation.setup(name, 1 if self.aggregator.pooled else per_round)
         self.server = FederatedServer(
             self.aggregator,
             ranks,
@@ -306,6 +307,8 @@ class FederatedTrainer:
         self._setup_server(model, ranks, per_round, global_rank)
         self.output = RunOutput(fabric.logger, is_writer=fabric.is_global_zero)
         self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
+        if self.privacy is not None:
+            self._say_what_dp_changes()
         start_round = 0
         if ckpt_path is not None:
             start_round = self._restore(model, ckpt_path)
@@ -334,6 +337,8 @@ class FederatedTrainer:
                     if (round_ + 1) % self.eval_every == 0 or round_ + 1 == self.rounds:
                         metrics.update(self.evaluate(model, datamodule))
                     fabric.call("on_round_end", trainer=self, round=round_, metrics=metrics)
+                    if self.server.released_only:  # under DP: what the accountant covers, or public figures
+                        metrics = released_only(metrics)
                     self.output.log_metrics(metrics, round_)
                     if "train/loss" in metrics:  # in the bar: the round's mean training loss over its clients
                         self._bar_loss = f" | train loss {metrics['train/loss']:.4g} (round {round_ + 1})"
@@ -369,6 +374,8 @@ class FederatedTrainer:
         if self.privacy is not None:
             results["privacy"] = self.privacy.summary()
         fabric.call("on_fit_end", trainer=self, results=results)
+        if self.server.released_only:
+            results.pop("edits", None)  # the clients' edit decisions are figures about their data
         self.output.write_results(results)
         if (warning := majority_warning(results, datamodule.majority())) is not None:
             fabric.print(warning)
@@ -442,6 +449,21 @@ class FederatedTrainer:
         from fedilora.validate import validate
 
         return validate(self, model, datamodule, ckpt_path, adapter, conditions, out)
+
+    def _say_what_dp_changes(self) -> None:
+        privacy, print_ = self.privacy, self.fabric.print
+        if privacy.reproducible_noise:
+            print_("WARNING: trainer.privacy.reproducible_noise: the noise is drawn from the run's seed and can be "
+                   "regenerated from its config: NOT PRIVATE (for tests only)")  # fmt: skip
+        if self.update_norm_factor is not None:
+            print_("note: trainer.update_norm_factor is off under trainer.privacy (its median would let one "
+                   "client decide whether others count); clipping bounds every update instead")  # fmt: skip
+        if privacy.log_client_metrics:
+            print_("WARNING: trainer.privacy.log_client_metrics: per-client figures (train loss, rejected clients, "
+                   "personalized metrics, edits) are logged and printed; epsilon does not cover them")  # fmt: skip
+        else:
+            print_("note: under trainer.privacy only released figures are reported (global metrics, privacy/*); "
+                   "per-client ones need trainer.privacy.log_client_metrics: true (epsilon does not cover them)")
 
     # ------------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, model, datamodule, ranks: list[int], global_rank: int) -> dict:
@@ -601,6 +623,8 @@ class FederatedTrainer:
         """The global model on the global test set, per modality condition, and every client's
         personalized model on its own test split (see ``FederatedServer.global_models``)."""
         metrics = evaluate_global(model, self.fabric, datamodule, self.server.global_models())
+        if self.server.released_only:  # personalized models and the clients' test splits are theirs
+            return metrics
         personal = self.server.personalized_models(datamodule.num_clients)
         metrics.update(evaluate_personalized(model, self.fabric, datamodule, personal))
         return metrics
@@ -620,10 +644,12 @@ class FederatedTrainer:
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
         """``step``: the ``round`` (from 0) a hook received; TensorBoard shows it as round ``step + 1``."""
-        self.output.log_histogram(tag, values, step)
+        if not self.server.released_only:  # callbacks' figures come from single clients
+            self.output.log_histogram(tag, values, step)
 
     def log_text(self, tag: str, text: str, step: int) -> None:
-        self.output.log_text(tag, text, step)
+        if not self.server.released_only:
+            self.output.log_text(tag, text, step)
 
 
 def _to_cpu(update: ClientUpdate) -> ClientUpdate:

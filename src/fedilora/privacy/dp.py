@@ -15,11 +15,21 @@ the dimensions that only a few high-rank clients train far less noise than the g
 (S_i + noise_i) / K on every dimension: the same guarantee, with noise sigma * C / K everywhere (its
 steps on the high-rank dimensions are smaller by n_i / K instead).
 Uniform weights replace p_k = n_k / sum n_j because sample counts are private and unbounded.
+
+What is public and what is released. K and n_i are taken from the round's plan (the seeded sampler
+and the clients' ranks are configuration), not from which updates arrived: a client whose update
+fails or is rejected adds a zero delta, so one client still moves S by at most C and the divisors do
+not depend on data. The server makes no other data-dependent decision under DP: the norm-outlier
+rule and the skip rule do not run. The noise comes from the operating system's CSPRNG
+(``os.urandom``, as opacus' ``secure_mode``), so no seed, config or checkpoint can regenerate it;
+``reproducible_noise`` (tests only) draws it from a seeded generator and every report of such a run
+says NOT PRIVATE.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -59,12 +69,28 @@ def clip(states: Sequence[Mapping[str, Tensor]], clip_norm: float) -> tuple[list
     return [{k: v * factor for k, v in s.items()} for s in states], norm
 
 
-def add_noise(sums: Mapping[str, Tensor], std: float, generator: torch.Generator) -> State:
-    """``sums`` + N(0, std^2) on every coordinate, drawn on the CPU from ``generator`` (reproducible)."""
-    return {
-        k: v + (torch.randn(v.shape, generator=generator, dtype=torch.float64) * std).to(v.device, v.dtype)
-        for k, v in sums.items()
-    }
+def secure_normal(shape: Sequence[int] | torch.Size) -> Tensor:
+    """Standard normal float64 samples from the OS's cryptographically secure generator (``os.urandom``),
+    by Box-Muller over 53-bit uniforms in (0, 1]: nothing that a run stores can reproduce them."""
+    numel = math.prod(shape)
+    pairs = (numel + 1) // 2
+    bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64).view(2, pairs)
+    uniform = ((bits >> 11) & ((1 << 53) - 1)).double().add_(1.0).mul_(2.0**-53)  # (0, 1]: log is finite
+    radius = (-2.0 * uniform[0].log()).sqrt()
+    angle = (2.0 * math.pi) * uniform[1]
+    return torch.cat([radius * angle.cos(), radius * angle.sin()])[:numel].reshape(tuple(shape))
+
+
+def standard_normal(shape: Sequence[int] | torch.Size, generator: torch.Generator | None) -> Tensor:
+    """N(0, 1) float64 samples: secure (``generator`` None) or from a seeded generator (tests only)."""
+    if generator is None:
+        return secure_normal(shape)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
+
+
+def add_noise(sums: Mapping[str, Tensor], std: float, generator: torch.Generator | None) -> State:
+    """``sums`` + N(0, std^2) on every coordinate, drawn on the CPU (``generator``: see ``standard_normal``)."""
+    return {k: v + (standard_normal(v.shape, generator) * std).to(v.device, v.dtype) for k, v in sums.items()}
 
 
 def coverage(ranks: Sequence[int], global_rank: int) -> Tensor:
@@ -104,6 +130,27 @@ def adapted_clip_norm(
     return clip_norm * math.exp(-learning_rate * (unclipped_fraction - target_quantile))
 
 
+#: what a reproducible-noise run is called wherever its results are reported
+NOT_PRIVATE = "NOT PRIVATE (reproducible noise)"
+_MAX_NOISE_MULTIPLIER = 1e3  # opacus' RDP analysis slows past this (0.9 s per epsilon at 1e3, minutes at inf)
+
+
+def _check_number(key: str, value: float | None, low: float, high: float = math.inf, *, open_low: bool = True,
+                  optional: bool = False, hint: str = "") -> None:  # fmt: skip
+    """One ConfigError line naming ``trainer.privacy.<key>`` unless ``value`` is a finite number in range."""
+    from fedilora.errors import ConfigError
+
+    if value is None and optional:
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > low if open_low else value >= low) and value <= high
+    if not ok:
+        where = f"{'(' if open_low else '['}{low:g}, {high:g}]" if math.isfinite(high) else (
+            f"> {low:g}" if open_low else f">= {low:g}")
+        raise ConfigError(f"trainer.privacy.{key}: must be a finite number {'in ' if math.isfinite(high) else ''}"
+                          f"{where}{' or null' if optional else ''}, got {value!r}{hint}")  # fmt: skip
+
+
 def sum_noise_multiplier(total: float, count_noise_multiplier: float) -> float:
     """The noise multiplier left for the update sums when the clipped-count query also spends budget:
     sigma_delta = (sigma^-2 - (2 sigma_b)^-2)^(-1/2) (Andrew et al. 2021, Theorem 1)."""
@@ -114,6 +161,16 @@ def sum_noise_multiplier(total: float, count_noise_multiplier: float) -> float:
             f"it must exceed {total / 2:.4g}"
         )
     return rest**-0.5
+
+
+#: under DP, the figures a round may report: released (noised) or public ones; everything else is computed
+#: from single clients' raw updates or data and is reported only with ``log_client_metrics``
+RELEASED_PREFIXES = ("global/", "privacy/", "secagg/", "comm/bytes_downloaded", "round/time_s", "round/skipped")
+
+
+def released_only(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``metrics`` without the per-client and data-dependent figures that the accountant does not cover."""
+    return {k: v for k, v in metrics.items() if k.startswith(RELEASED_PREFIXES)}
 
 
 # Why an aggregator cannot release a client-level DP aggregate (the server refuses it with this reason).
@@ -150,6 +207,14 @@ class DifferentialPrivacy:
         count_noise_multiplier: sigma_b of the unclipped count (default: max(clients per round / 20,
             sigma)); must exceed sigma / 2.
         accountant: opacus accountant: ``rdp`` or ``prv``.
+        reproducible_noise: FOR TESTS ONLY: draw the noise from a generator seeded by the run's seed and
+            the round, so two runs of one config release the same model. Anyone with the config can
+            regenerate and subtract that noise: the run gives no privacy, and its table, results.json
+            and TensorBoard say NOT PRIVATE. Default: the OS's cryptographically secure generator.
+        log_client_metrics: Also log and print per-client figures that the accountant does not cover
+            (each client's train loss, rejected clients and why, personalized metrics on the clients'
+            own test splits). Off by default: under DP only released (noised) or public figures are
+            reported.
     """
 
     def __init__(
@@ -163,28 +228,38 @@ class DifferentialPrivacy:
         clip_learning_rate: float = 0.2,
         count_noise_multiplier: float | None = None,
         accountant: str = "rdp",
+        reproducible_noise: bool = False,
+        log_client_metrics: bool = False,
     ) -> None:
         from fedilora.errors import ConfigError
 
-        if not clip_norm > 0:
-            raise ConfigError(f"trainer.privacy.clip_norm: must be > 0, got {clip_norm}")
+        _check_number("clip_norm", clip_norm, 0.0)
         if noise_multiplier is None and target_epsilon is None:
             raise ConfigError("trainer.privacy: give noise_multiplier, target_epsilon or both")
-        if noise_multiplier is not None and not noise_multiplier > 0:
-            raise ConfigError(f"trainer.privacy.noise_multiplier: must be > 0, got {noise_multiplier}")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise ConfigError(f"trainer.privacy.target_epsilon: must be > 0, got {target_epsilon}")
-        if not 0 < delta < 1:
-            raise ConfigError(f"trainer.privacy.delta: must be in (0, 1), got {delta}")
-        if not 0 < target_quantile < 1:
-            raise ConfigError(f"trainer.privacy.target_quantile: must be in (0, 1), got {target_quantile}")
+        _check_number("noise_multiplier", noise_multiplier, 1e-12, _MAX_NOISE_MULTIPLIER, open_low=False,
+                      optional=True)  # fmt: skip
+        _check_number("target_epsilon", target_epsilon, 0.0, optional=True,
+                      hint=" (for no privacy, leave trainer.privacy out)")  # fmt: skip
+        _check_number("delta", delta, 0.0, 1.0)
+        if delta == 1.0:
+            raise ConfigError(f"trainer.privacy.delta: must be < 1, got {delta}")
+        _check_number("target_quantile", target_quantile, 0.0, 1.0)
+        if target_quantile == 1.0:
+            raise ConfigError(f"trainer.privacy.target_quantile: must be < 1, got {target_quantile}")
+        # eta <= 0 makes C run away from the quantile instead of following it
+        _check_number("clip_learning_rate", clip_learning_rate, 0.0, 10.0)
+        _check_number("count_noise_multiplier", count_noise_multiplier, 0.0, _MAX_NOISE_MULTIPLIER, optional=True)
         if accountant not in ("rdp", "prv"):
             raise ConfigError(f"trainer.privacy.accountant: unknown {accountant!r}; allowed: rdp, prv")
+        self.reproducible_noise, self.log_client_metrics = bool(reproducible_noise), bool(log_client_metrics)
+        self.initial_clip_norm = clip_norm
         self.clip_norm, self.noise_multiplier, self.target_epsilon = clip_norm, noise_multiplier, target_epsilon
         self.delta, self.adaptive_clipping, self.target_quantile = delta, adaptive_clipping, target_quantile
         self.clip_learning_rate, self.count_noise_multiplier = clip_learning_rate, count_noise_multiplier
         self.mechanism = accountant
-        self.sum_multiplier = noise_multiplier or 0.0
+        # what ran: sigma (given, or derived from the budget), the count query's sigma_b and the sums' sigma_delta;
+        # the init arguments stay as given (the checkpoint's fingerprint compares those)
+        self.sigma, self.count_sigma, self.sum_multiplier = noise_multiplier or 0.0, count_noise_multiplier, 0.0
         self.accountant: PrivacyAccountant | None = None
 
     def setup(self, aggregator_name: str, num_clients: int, per_round: int, rounds: int) -> DifferentialPrivacy:
@@ -194,26 +269,23 @@ class DifferentialPrivacy:
         if aggregator_name in UNSUPPORTED:
             raise ConfigError(f"trainer.privacy: not available with {aggregator_name}: {UNSUPPORTED[aggregator_name]}")
         sample_rate = per_round / num_clients
-        if self.noise_multiplier is None:
-            self.noise_multiplier = noise_multiplier_for(self.target_epsilon, self.delta, sample_rate, rounds,
-                                                         self.mechanism)  # fmt: skip
-        self.sum_multiplier = self.noise_multiplier
+        self.sigma = self.noise_multiplier
+        if self.sigma is None:
+            self.sigma = noise_multiplier_for(self.target_epsilon, self.delta, sample_rate, rounds, self.mechanism)
+        self.sum_multiplier = self.sigma
         if self.adaptive_clipping:
             # per_round / 20 (the paper's choice for hundreds of clients per round), but never below sigma:
             # that costs the update sums at most 15% more noise
-            self.count_noise_multiplier = self.count_noise_multiplier or max(per_round / 20.0, self.noise_multiplier)
+            self.count_sigma = self.count_noise_multiplier or max(per_round / 20.0, self.sigma)
             try:
-                self.sum_multiplier = sum_noise_multiplier(self.noise_multiplier, self.count_noise_multiplier)
+                self.sum_multiplier = sum_noise_multiplier(self.sigma, self.count_sigma)
             except ValueError as err:
                 raise ConfigError(f"trainer.privacy.count_noise_multiplier: {err}") from None
         self.accountant = PrivacyAccountant(sample_rate, self.delta, self.mechanism)
-        if (
-            self.target_epsilon is not None
-            and self.accountant.epsilon_after(self.noise_multiplier) > self.target_epsilon
-        ):
+        if self.target_epsilon is not None and self.accountant.epsilon_after(self.sigma) > self.target_epsilon:
             raise ConfigError(
                 f"trainer.privacy.target_epsilon: {self.target_epsilon} allows not even one round at noise multiplier "
-                f"{self.noise_multiplier} (epsilon {self.accountant.epsilon_after(self.noise_multiplier):.4g}); "
+                f"{self.sigma} (epsilon {self.accountant.epsilon_after(self.sigma):.4g}); "
                 "raise noise_multiplier or leave it null to derive it"
             )
         return self
@@ -222,7 +294,7 @@ class DifferentialPrivacy:
         """Why the next round must not run: it would take epsilon past ``target_epsilon``."""
         if self.target_epsilon is None:
             return None
-        after = self.accountant.epsilon_after(self.noise_multiplier)
+        after = self.accountant.epsilon_after(self.sigma)
         if after <= self.target_epsilon * (1 + 1e-9):
             return None
         return (
@@ -237,33 +309,92 @@ class DifferentialPrivacy:
         (lora, extra), norm = clip([lora_delta, extra_delta], self.clip_norm)
         return lora, extra, norm <= self.clip_norm
 
-    def noise(self, sums: Mapping[str, Tensor], generator: torch.Generator) -> State:
+    def noise_generator(self, seed: int) -> torch.Generator | None:
+        """Where a round's noise comes from: None (the OS's CSPRNG), or with ``reproducible_noise`` a
+        generator seeded by ``seed`` (tests only)."""
+        return torch.Generator().manual_seed(seed) if self.reproducible_noise else None
+
+    def noise(self, sums: Mapping[str, Tensor], generator: torch.Generator | None) -> State:
         return add_noise(sums, self.sum_multiplier * self.clip_norm, generator)
 
-    def after_round(self, unclipped: float, count: int, generator: torch.Generator) -> dict[str, float]:
-        """Account for one released round and adapt C; returns the round's privacy figures."""
+    def after_round(self, unclipped: float, count: int, generator: torch.Generator | None) -> dict[str, float]:
+        """Account for one released round and adapt C; returns the round's privacy figures.
+
+        ``count``: the round's planned clients (public). The next C is a function of the noised count
+        only, so it is released output too."""
+        from fedilora.errors import RunFailed
+
         metrics = {"privacy/clip_norm": self.clip_norm, "privacy/noise_std": self.sum_multiplier * self.clip_norm}
         if self.adaptive_clipping:
-            count_noise = float(torch.randn((), generator=generator, dtype=torch.float64))
-            fraction = (unclipped + count_noise * self.count_noise_multiplier) / count
+            count_noise = float(standard_normal((), generator))
+            fraction = (unclipped + count_noise * self.count_sigma) / count
             metrics["privacy/unclipped_fraction"] = fraction
-            self.clip_norm = adapted_clip_norm(self.clip_norm, fraction, self.target_quantile, self.clip_learning_rate)
-        self.accountant.step(self.noise_multiplier)
+            clip_norm = adapted_clip_norm(self.clip_norm, fraction, self.target_quantile, self.clip_learning_rate)
+            if not (math.isfinite(clip_norm) and clip_norm > 0):  # exp over- or underflowed
+                raise RunFailed(
+                    f"adaptive clipping: the clip norm became {clip_norm} after clip norm {self.clip_norm:.4g} and "
+                    f"noisy unclipped fraction {fraction:.4g}; lower trainer.privacy.clip_learning_rate "
+                    f"({self.clip_learning_rate})",
+                    {},
+                )
+            self.clip_norm = clip_norm
+        self.accountant.step(self.sigma)
         metrics["privacy/epsilon"] = self.accountant.epsilon()
+        if self.reproducible_noise:
+            metrics["privacy/not_private"] = 1.0
         return metrics
 
-    def summary(self) -> dict[str, float]:
-        return {
+    def summary(self) -> dict[str, float | bool | str]:
+        out: dict[str, float | bool | str] = {
             "epsilon": self.accountant.epsilon() if self.accountant else 0.0,
             "delta": self.delta,
-            "noise_multiplier": float(self.noise_multiplier or 0.0),
+            "noise_multiplier": float(self.sigma),
             "clip_norm": self.clip_norm,
             "rounds": self.accountant.rounds if self.accountant else 0,
+            "noise": NOT_PRIVATE if self.reproducible_noise else "secure (os.urandom)",
+            "private": not self.reproducible_noise,
+        }
+        return out
+
+    def settings(self) -> dict[str, float | bool | str | None]:
+        """What a resume must keep: the options as given, and the multipliers the rounds ran with."""
+        return {
+            "clip_norm": self.initial_clip_norm,
+            "target_epsilon": self.target_epsilon,
+            "delta": self.delta,
+            "adaptive_clipping": self.adaptive_clipping,
+            "target_quantile": self.target_quantile,
+            "clip_learning_rate": self.clip_learning_rate,
+            "accountant": self.mechanism,
+            "reproducible_noise": self.reproducible_noise,
+            "noise_multiplier": self.noise_multiplier,
+            "count_noise_multiplier": self.count_noise_multiplier,
+            "sigma": self.sigma,
+            "count_sigma": self.count_sigma,
+            "sum_multiplier": self.sum_multiplier,
         }
 
     def state_dict(self) -> dict:
-        return {"accountant": self.accountant.state_dict(), "clip_norm": self.clip_norm}
+        return {"accountant": self.accountant.state_dict(), "clip_norm": self.clip_norm, "settings": self.settings()}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Go on from a checkpoint: the same settings (else ``ConfigError``), the multipliers that ran,
+        the accountant's history and the (adapted) clip norm."""
+        from fedilora.errors import ConfigError
+
+        saved = state.get("settings")
+        if saved is not None:
+            ours = self.settings()
+            # sigma may differ only because trainer.rounds changed the derivation: the saved one is what ran
+            ran = ("sigma", "count_sigma", "sum_multiplier")
+            changed = [k for k in ours if k not in ran and saved.get(k) != ours[k]]
+            if changed:
+                shown = "; ".join(f"trainer.privacy.{k}: checkpoint {saved.get(k)!r}, config {ours[k]!r}"
+                                  for k in changed)  # fmt: skip
+                raise ConfigError(
+                    f"--ckpt_path: the checkpoint's rounds ran under other privacy settings ({shown}); a resume "
+                    "must keep them (start a new run to change them)"
+                )
+            self.sigma, self.count_sigma, self.sum_multiplier = (saved[k] for k in ran)
         self.accountant.load_state_dict(state["accountant"])
         self.clip_norm = float(state["clip_norm"])

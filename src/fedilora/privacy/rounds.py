@@ -63,11 +63,15 @@ def _pack(lora: WeightedSums, extra: WeightedSums, unclipped: float, count: floa
     }
 
 
+def zero_contribution(global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor]) -> Contribution:
+    """What no client adds: the sums of a DP round whose every client failed (its release is the noise)."""
+    return _pack(WeightedSums.zeros(global_lora), WeightedSums.zeros(global_extra, ranked=False), 0.0, 0.0, 0.0)
+
+
 def layout(global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor]) -> list[tuple[str, torch.Size]]:
     """The layout of a flattened contribution (``secagg.flatten``): what a server that receives only
     masked vectors needs to unflatten their sum."""
-    zero = _pack(WeightedSums.zeros(global_lora), WeightedSums.zeros(global_extra, ranked=False), 0.0, 0.0, 0.0)
-    return flatten(zero)[1]
+    return flatten(zero_contribution(global_lora, global_extra))[1]
 
 
 def pad_rank(lora: Mapping[str, Tensor], rank: int) -> State:
@@ -129,7 +133,7 @@ def release(
     global_extra: Mapping[str, Tensor],
     totals: Mapping[str, Tensor],
     privacy: DifferentialPrivacy | None,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> tuple[State, State, dict[str, float]]:
     """The next global adapter and head from the round's summed contributions, and privacy figures.
 

@@ -15,6 +15,13 @@ Protocol of one round (honest-but-curious server that relays public keys, as in 
 4. dropped client after masking: its partners' masks would not cancel, so the round's aggregation is
    redone without it — the survivors re-mask among themselves (their training is not repeated).
    Secret-shared seeds (SecAgg's recovery without a second pass) are not implemented.
+
+Limits, enforced: the sum is taken modulo 2^62 in fixed point with ``fraction_bits``, so every client
+checks before masking that K times its largest encoded value stays below 2^61 (K: the pass's
+participants) — a sum that could wrap is refused, never decoded wrong. A pass with fewer than
+``min_survivors`` participants (at least 2) is not unmasked: the "sum" of one client is that client's
+contribution. What it does not protect against: a server that lies about who takes part (no
+secret-sharing, no signatures), and clients that collude with the server against one client.
 """
 
 from __future__ import annotations
@@ -34,12 +41,25 @@ FRACTION_BITS = 24  # fixed-point resolution 2^-24 ~ 6e-8 per client and coordin
 _MODULUS = 1 << MODULUS_BITS
 
 
-def encode(x: Tensor, fraction_bits: int = FRACTION_BITS) -> Tensor:
-    """round(x * 2^f) as a residue modulo 2^k (int64); negative values wrap around."""
+class SumOverflow(ValueError):
+    """A sum of encoded contributions could leave the fixed-point range (it would wrap silently)."""
+
+
+def encode(x: Tensor, fraction_bits: int = FRACTION_BITS, participants: int = 1) -> Tensor:
+    """round(x * 2^f) as a residue modulo 2^k (int64); negative values wrap around.
+
+    Refuses (``SumOverflow``) values whose sum over ``participants`` clients could reach 2^(k-1) in
+    magnitude: the modular sum would wrap and decode to a wrong value without any error."""
     scaled = torch.round(x.detach().double().cpu() * (1 << fraction_bits))
-    limit = float(_MODULUS // 2)
-    if not bool((scaled.abs() < limit).all()):
-        raise ValueError(f"a value of magnitude >= 2^{MODULUS_BITS - 1 - fraction_bits} cannot be encoded")
+    largest = float(scaled.abs().max()) if scaled.numel() else 0.0
+    if not largest * participants < float(_MODULUS // 2):  # also catches NaN and inf
+        bound = 2.0 ** (MODULUS_BITS - 1 - fraction_bits) / participants
+        raise SumOverflow(
+            f"secure aggregation: a value of magnitude {largest / (1 << fraction_bits):.4g} summed over "
+            f"{participants} clients can leave the fixed-point range (|value| < {bound:.4g} at fraction_bits="
+            f"{fraction_bits}); lower trainer.secure_aggregation.fraction_bits or bound the updates "
+            "(trainer.privacy.clip_norm)"
+        )
     return torch.remainder(scaled.to(torch.int64), _MODULUS)
 
 
@@ -112,7 +132,7 @@ def mask(
     masks to one round (and pass), so masks are never reused.
     """
     vector, _ = flatten(contribution)
-    masked = encode(vector, fraction_bits)
+    masked = encode(vector, fraction_bits, participants=len(set(peers) | {client_id}))
     for peer, public in sorted(peers.items()):
         if peer == client_id:
             continue
@@ -150,29 +170,43 @@ class SecureAggregation:
 
     Args:
         fraction_bits: Fixed-point fraction bits (resolution 2^-fraction_bits per client and coordinate).
+            With K clients, each value must stay below 2^(61 - fraction_bits) / K in magnitude.
+        min_survivors: The fewest clients whose masked vectors are unmasked (at least 2): with fewer
+            left after drops, the round is skipped rather than a lone client's contribution revealed.
     """
 
-    def __init__(self, fraction_bits: int = FRACTION_BITS) -> None:
+    def __init__(self, fraction_bits: int = FRACTION_BITS, min_survivors: int = 2) -> None:
         from fedilora.errors import ConfigError
 
-        if not 8 <= fraction_bits <= 40:
+        if not isinstance(fraction_bits, int) or not 8 <= fraction_bits <= 40:
             raise ConfigError(f"trainer.secure_aggregation.fraction_bits: must be in 8..40, got {fraction_bits}")
-        self.fraction_bits = fraction_bits
+        if not isinstance(min_survivors, int) or min_survivors < 2:
+            raise ConfigError(
+                f"trainer.secure_aggregation.min_survivors: must be an integer >= 2, got {min_survivors} (the sum "
+                "of one client is that client's contribution)"
+            )
+        self.fraction_bits, self.min_survivors = fraction_bits, min_survivors
 
-    def setup(self, aggregator_name: str) -> SecureAggregation:
+    def setup(self, aggregator_name: str, per_round: int | None = None) -> SecureAggregation:
         from fedilora.errors import ConfigError
 
         if aggregator_name in UNSUPPORTED:
             raise ConfigError(
                 f"trainer.secure_aggregation: not available with {aggregator_name}: {UNSUPPORTED[aggregator_name]}"
             )
+        if per_round is not None and per_round < self.min_survivors:
+            raise ConfigError(
+                f"trainer.clients_per_round: {per_round} client(s) per round is fewer than "
+                f"trainer.secure_aggregation.min_survivors={self.min_survivors}: no round could be unmasked"
+            )
         return self
 
     def sum(
         self, contributions: Mapping[int, Mapping[str, Tensor]], context: bytes, dropped: Sequence[int] = ()
-    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """The sum of ``contributions`` (client id -> tensors) computed from masked vectors only, and the
-        protocol's cost: bytes the clients uploaded (masked vectors and public keys) and passes.
+    ) -> tuple[dict[str, Tensor] | None, dict[str, float]]:
+        """The sum of ``contributions`` (client id -> tensors) computed from masked vectors only (None:
+        fewer than ``min_survivors`` left), and the protocol's cost: bytes the clients uploaded (masked
+        vectors and public keys) and passes.
 
         The clients live in this process (the simulator): each pass draws their keys and masks here.
         ``dropped`` clients send nothing in the first pass."""
@@ -188,7 +222,7 @@ class SecureAggregation:
             }
 
         masked, _, cost = self.run(sorted(contributions), context, one_pass)
-        return self.unmask(masked, layout), cost
+        return (None if masked is None else self.unmask(masked, layout)), cost
 
     def run(
         self,
@@ -208,7 +242,7 @@ class SecureAggregation:
         """
         participants, dropped, uploaded, passes = sorted(participants), [], 0, 0
         masked: Mapping[int, Tensor] | None = None
-        while len(participants) >= max(1, min_participants):
+        while len(participants) >= max(self.min_survivors, min_participants):
             passes += 1
             masked = one_pass(participants, passes, context + f"/pass-{passes}".encode())
             uploaded += sum(32 + 8 * m.numel() for m in masked.values())
