@@ -317,3 +317,15 @@ def test_merged_export_loads_with_plain_open_clip_and_gives_validates_logits(run
     tamper_tensor_data(out / "global" / "open_clip_model.safetensors")
     with pytest.raises(ConfigError, match=r"global/open_clip_model\.safetensors does not match its SHA-256"):
         load_classifier(out / "global")
+
+
+def test_an_adapter_of_a_run_that_changed_its_backbone_is_not_loaded_as_the_model(tmp_path):
+    """FLoRA merges every round into the frozen weights: its adapter on the run's initial backbone is not its model."""
+    torch.manual_seed(1)
+    model = LoRACLIPClassifier(num_classes=3, lora_targets=["c_fc"])
+    model.configure_model()
+    model.add_ranks([2])
+    state = (2, model.lora_state(2), model.extra_state())
+    export_adapters(model, tmp_path, state, {}, completed_rounds=1, backbone_seed=1, base_weights_changed=True)
+    with pytest.raises(ConfigError, match=r"global: its run merged the adapters into the backbone.s weights"):
+        load_classifier(tmp_path)

@@ -382,7 +382,8 @@ def load_export(directory: str | Path, option: str = "") -> tuple[LoRACLIPClassi
     if meta.get("base_weights_changed"):
         raise ConfigError(
             f"{prefix}{directory}: its run merged the adapters into the backbone's weights every round (FLoRA), and "
-            "this adapter alone is not the model; export with --merged or evaluate the checkpoint"
+            "this adapter alone is not the model; use the open_clip weights that `fedilora export --merged` writes "
+            "(open_clip.create_model('local-dir:<folder>')) or evaluate the checkpoint"
         )
     read_tensors(directory / "adapter_model.safetensors", option)
     head = read_tensors(directory / "head.safetensors", option)
