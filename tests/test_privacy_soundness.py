@@ -308,3 +308,22 @@ def test_a_round_with_one_update_under_secure_aggregation_is_skipped_with_the_re
         "warning: round 0 skipped: fewer than trainer.secure_aggregation.min_survivors=2 clients left to unmask; "
         "the global model is unchanged"
     ]
+
+
+# ---------------------------------------------------------------------------- 7. the empirical audit
+def test_the_audit_finds_no_more_than_the_accountant_and_finds_the_reproducible_leak(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "experiments"))
+    import privacy_audit
+    from fedilora.privacy.accounting import PrivacyAccountant
+
+    accountant = PrivacyAccountant(sample_rate=1.0, delta=1e-5)
+    accountant.step(2.0)
+    claimed = accountant.epsilon()  # 2.17 for one round at sigma 2
+    secure = privacy_audit.one_run(200, 5_000, 2.0, 60, reproducible=False, seed=0)
+    leaked = privacy_audit.one_run(200, 5_000, 2.0, 60, reproducible=True, seed=0)
+    assert secure["epsilon"] <= claimed
+    assert leaked["correct"] == leaked["guesses"] == 60 and leaked["epsilon"] > claimed
+    # the bound itself, by hand: 60 of 60 right rejects eps while p(eps)^60 < 0.05
+    assert privacy_audit.audited_epsilon(60, 60) == pytest.approx(math.log(0.05 ** (-1 / 60) - 1) * -1, rel=1e-6)
