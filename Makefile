@@ -32,5 +32,9 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests experiments
 
+# the documentation site, strictly (a broken link fails), into build/site
+docs: setup
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache build/site
