@@ -327,6 +327,135 @@ def test_inbox_waits_for_one_key_and_gives_up_at_the_deadline():
     assert inbox.wait(3, time.monotonic() + 0.1) is None
 
 
+# ------------------------------------------------------------------ a lost SuperLink, a round with no node
+class SilentGrid(FakeGrid):
+    """Nodes answer QUERY; TRAIN messages get no reply (``mode="silent"``: every node is gone) or the
+    SuperLink itself fails once the nodes are known (``mode="gone"``: ``pull_messages`` raises)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__({11: {"client-id": 0, "rank": 8}, 12: {"client-id": 1, "rank": 4},
+                          13: {"client-id": 2, "rank": 2}})  # fmt: skip
+        self.mode, self.trains = mode, 0
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if messages[0].metadata.message_type == "query":
+            return super().push_messages(messages)
+        self.trains += len(messages)
+        return [f"t{self.trains}-{k}" for k in range(len(messages))]
+
+    def pull_messages(self, message_ids):
+        if self.mode == "gone" and self.trains:
+            raise ConnectionRefusedError("[Errno 111] Connection refused")
+        return super().pull_messages(message_ids)
+
+
+def test_inbox_stops_at_a_failing_grid_and_never_tries_it_again():
+    from fedilora.flower.server_app import Inbox, SuperLinkLost
+
+    grid = SilentGrid("gone")
+    grid.trains = 1
+    inbox = Inbox(grid)
+    content = RecordDict({"config": ConfigRecord({"x": 1})})
+    inbox.send({1: Message(content, dst_node_id=11, message_type="train")})
+    with pytest.raises(SuperLinkLost, match=r"SuperLink is gone .*pulling replies failed: ConnectionRefusedError"):
+        inbox.wait(1, time.monotonic() + 5)
+    grid.pull_messages = grid.get_node_ids = None  # a second call would fail on these
+    with pytest.raises(SuperLinkLost):
+        inbox.link("listing the nodes", grid.get_node_ids)
+
+
+def test_an_unreachable_superlink_ends_a_grid_call_within_link_timeout():
+    """Flower's HTTP grid retries a SuperLink it cannot reach forever; ``bound_retries`` makes it give up."""
+    from flwr.superlink.grid import HttpGrid
+
+    from fedilora.flower.loopback import free_port
+    from fedilora.flower.server_app import Inbox, SuperLinkLost, bound_retries
+
+    grid = HttpGrid(runtime_api_address=f"127.0.0.1:{free_port()}", insecure=True, token="t")  # nothing listens
+    assert bound_retries(grid, 2.0) and grid._retry_invoker.max_time == 2.0
+    started = time.monotonic()
+    with pytest.raises(SuperLinkLost, match=r"listing the nodes failed: ConnectError"):
+        Inbox(grid).link("listing the nodes", grid.get_node_ids)
+    assert time.monotonic() - started < 15  # 2 s, plus the backoff wait under way when it expired
+    assert not bound_retries(FakeGrid({}), 2.0)  # a grid without Flower's invoker (the in-memory one) is left alone
+
+
+@pytest.fixture(scope="module")
+def small_fit(tmp_path_factory):
+    """A ``fedilora fit`` run of one round (the checkpoint a Flower run resumes from), and its arguments."""
+    root = tmp_path_factory.mktemp("lost")
+    overrides = [*BASE_OVERRIDES, "--trainer.ranks=[8,4,2]", "--trainer.callbacks=[]", "--trainer.eval_every=5",
+                 f"--trainer.root_dir={root}", "--trainer.name=lost"]  # fmt: skip
+    fit_reference(root, "lost", [*overrides, "--trainer.rounds=1"])
+    return root / "lost", overrides
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "message"),
+    [
+        ("silent", "AllClientsLost", r"round 1: every one of its 3 sampled clients was lost \(client 0: no train "
+                                     r"reply within round-timeout=0.3 s\)"),
+        ("gone", "SuperLinkLost", r"the SuperLink is gone or no longer serves this run \(pulling replies failed"),
+    ],
+)  # fmt: skip
+def test_a_round_that_lost_every_client_or_its_superlink_is_never_saved(small_fit, mode, error, message):
+    """The Flower server resumes the checkpoint of 1 round (written by ``fedilora fit``); in the next round
+    (index 1) no node answers, or the SuperLink fails: the run stops with RunFailed, having saved the
+    completed round again in its own folder and no checkpoint of the lost round anywhere (a resume then
+    runs that round, rather than trust a round that did not run)."""
+    from fedilora.errors import RunFailed
+    from fedilora.flower.config import parse
+    from fedilora.flower.server_app import FlowerTrainer
+
+    runs, overrides = small_fit
+    parsed = parse(str(ROOT / "configs" / "demo.yaml"), [*overrides, "--trainer.rounds=3"], trainer_class=FlowerTrainer)
+    grid = SilentGrid(mode)
+    parsed.trainer.connect(grid, 3, node_timeout=5, round_timeout=0.3)
+    with pytest.raises(RunFailed, match=message) as stop:
+        parsed.trainer.fit(parsed.model, parsed.datamodule, ckpt_path="last")
+    assert type(stop.value).__name__ == error and grid.trains == 3  # round 2's TRAIN went out, nothing more
+    saved = parsed.trainer.log_dir / "checkpoints" / "round-0001.ckpt"
+    assert f"the last completed round (1) is saved in {saved}, no later one; restart the SuperLink" in str(stop.value)
+    assert "every SuperNode (they exit by themselves" in str(stop.value)
+    assert sorted(p.name for p in runs.rglob("round-*.ckpt")) == ["round-0001.ckpt"] * len(list(runs.iterdir()))
+    state = torch.load(saved, weights_only=True, map_location="cpu")
+    assert state["completed_rounds"] == 1 and len(state["history"]) == 1
+
+
+def test_a_round_zero_that_lost_every_client_saves_nothing(flower_trainer_factory, tmp_path):
+    from fedilora.flower.config import parse
+    from fedilora.flower.server_app import AllClientsLost, FlowerTrainer
+
+    args = [*BASE_OVERRIDES, "--trainer.ranks=[8,4,2]", "--trainer.callbacks=[]", f"--trainer.root_dir={tmp_path}"]
+    parsed = parse(str(ROOT / "configs" / "demo.yaml"), args, trainer_class=FlowerTrainer)
+    parsed.trainer.connect(SilentGrid("silent"), 3, node_timeout=5, round_timeout=0.2)
+    with pytest.raises(AllClientsLost, match=r"round 0: every one of its 3 .*; no round had completed, nothing is"):
+        parsed.trainer.fit(parsed.model, parsed.datamodule)
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_resume_says_which_rounds_of_its_checkpoint_trained_no_client(caplog):
+    from fedilora.checkpoint import FINGERPRINT_VERSION, check_resumable
+
+    fingerprint = {"version": FINGERPRINT_VERSION, "config": {}, "data": None, "shapes": {}}
+    history = [{"round": 0, "round/skipped": 0.0, "round/num_clients": 3.0},
+               {"round": 1, "round/skipped": 1.0, "round/num_clients": 1.0},  # too few healthy: trained, refused
+               {"round": 2, "round/skipped": 1.0, "round/num_clients": 0.0},  # nobody answered
+               {"round": 3, "round/skipped": 1.0}]  # under DP without client figures: the count is not known
+    state = {"fingerprint": fingerprint, "completed_rounds": 4, "history": history}
+    with caplog.at_level("WARNING", logger="fedilora"):
+        check_resumable(Path("round-0004.ckpt"), state, fingerprint, rounds=5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "warning: --ckpt_path: round-0004.ckpt: 1 of its 4 rounds trained no client (round 2: every sampled client "
+        "failed or was lost, the global model did not change); they count as done and are not run again; resume "
+        "from a checkpoint written before them to run them"
+    ]
+    caplog.clear()
+    check_resumable(Path("round-0001.ckpt"), {**state, "history": history[:2], "completed_rounds": 2}, fingerprint, 5)
+    assert not caplog.records
+
+
 # ------------------------------------------------------------------------------- end to end (slow)
 BASE_OVERRIDES = [
     "--data.num_clients=3",

@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import inspect
 import json
+import logging
 import os
 import re
 import signal
@@ -35,6 +36,8 @@ from lightning.fabric.plugins import TorchCheckpointIO
 
 from fedilora.atomic import write_atomically
 from fedilora.errors import ConfigError
+
+log = logging.getLogger("fedilora")
 
 FORMAT = "fedilora-checkpoint-v2"
 # v1 fingerprinted ranks, clients, model name, aggregator and shapes only: a resume from it cannot be
@@ -416,6 +419,26 @@ def check_resumable(path: Path, state: Mapping[str, Any], fingerprint: Mapping[s
             "trainer.rounds (upwards), logging, evaluation and checkpoint cadence, root_dir/name and devices may "
             "change on resume"
         )
+    if idle := untrained_rounds(state.get("history", [])):
+        log.warning(
+            "warning: --ckpt_path: %s: %d of its %d rounds trained no client (round %s: every sampled client "
+            "failed or was lost, the global model did not change); they count as done and are not run again; "
+            "resume from a checkpoint written before them to run them",
+            path,
+            len(idle),
+            completed,
+            ", ".join(str(r) for r in idle),
+        )
+
+
+def untrained_rounds(history: Any) -> list[int]:
+    """The rounds of a checkpoint's history that no client trained: skipped with no accepted update
+    (under DP without client figures the count is not logged, and nothing is said)."""
+    return [
+        int(entry.get("round", -1))
+        for entry in history
+        if isinstance(entry, Mapping) and entry.get("round/skipped") and entry.get("round/num_clients", -1) == 0
+    ]
 
 
 # ------------------------------------------------------------------------------ interruption

@@ -7,12 +7,21 @@ run config ``ckpt-path``) and the results table are the inherited ones; only thr
 
 - ``connect``: wait for ``data.num_clients`` SuperNodes and ask each (a QUERY message) for its client
   id and LoRA rank; the ranks the nodes report are the run's ranks.
-- ``train_client``: at the first client of a round every sampled client gets a TRAIN message with its
-  payload (the global adapter truncated to its rank, the head, and under FLoRA the merged base weights);
-  then each reply is awaited in plan order. A node that fails, is lost or does not answer within
-  ``round-timeout`` is left out of the round like a failing client of ``fedilora fit``.
+- ``train_client``: before the round's clients are processed every sampled client gets a TRAIN message
+  with its payload (the global adapter truncated to its rank, the head, and under FLoRA the merged base
+  weights) and the replies are awaited (in plan order, up to ``round-timeout``). A node that fails, is
+  lost or does not answer in time is left out of the round like a failing client of ``fedilora fit``.
 - ``evaluate``: the global model on the server's global test set (as in ``fedilora fit``); every
   personalized model on its own client's test split through an EVALUATE message.
+
+Two losses stop the run instead (``RunFailed``), before the round under way is aggregated, so that no
+checkpoint ever holds a round that did not run: a round in which every sampled client was lost (no
+node answered: a federation without its nodes trains nothing), and a SuperLink that is gone or no
+longer serves the run (``SuperLinkLost``). Flower's grid retries a SuperLink it cannot reach forever;
+``connect`` bounds that to ``link-timeout`` seconds (run config, default 60, at most ``round-timeout``),
+so a ServerApp whose SuperLink was killed ends instead of waiting, orphaned, for a link that will not
+come back. On the way out the last completed round is saved (as on Ctrl-C), to resume from with
+``ckpt-path=last`` once the SuperLink and every SuperNode are restarted.
 
 With ``trainer.secure_aggregation`` the server never sees an update (``_masked_round``): TRAIN replies
 carry each client's report and a public key only; a second message per pass (``train.mask``) relays the
@@ -29,8 +38,9 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,7 +49,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedilora.aggregation import ClientUpdate
 from fedilora.data.datamodule import FederatedDataModule
-from fedilora.errors import ConfigError
+from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, personalized_summary
 from fedilora.flower.config import parse, resolve_path, set_threads
 from fedilora.flower.records import report_from_record, to_arrays, update_from_record
@@ -48,13 +58,45 @@ from fedilora.privacy.rounds import layout
 from fedilora.server import Personal, RoundResult, strategy_name
 from fedilora.trainer import FederatedTrainer
 
+T = TypeVar("T")
+LINK_TIMEOUT = 60.0  # default seconds a grid call may retry an unreachable SuperLink (run config link-timeout)
+RESTART = (
+    "restart the SuperLink if it is gone and every SuperNode (they exit by themselves after a few reconnection "
+    "attempts), then resume with run config ckpt-path=last"
+)
+
 
 class ClientLost(RuntimeError):
     """A client's node failed, disconnected or did not answer in time (the client is left out)."""
 
 
+class SuperLinkLost(RunFailed):
+    """The SuperLink cannot be reached or no longer serves this run: the run stops."""
+
+
+class AllClientsLost(RunFailed):
+    """No sampled client of a round answered: the run stops rather than record a round that did not run."""
+
+
+def bound_retries(grid: Grid, seconds: float) -> bool:
+    """Make the grid give up on an unreachable SuperLink after ``seconds`` (Flower retries forever).
+
+    Flower's HTTP grid (1.42) sends every call, its heartbeats and log uploads included, through one
+    ``RetryInvoker`` with neither ``max_tries`` nor ``max_time``; ``max_time`` is read at every retry,
+    so setting it bounds the calls under way too. False where the grid has no such invoker (the
+    simulation's in-memory grid, which has no link to lose)."""
+    invoker = getattr(grid, "_retry_invoker", None)
+    if invoker is None or not hasattr(invoker, "max_time"):
+        return False
+    invoker.max_time = seconds
+    return True
+
+
 class Inbox:
-    """Messages pushed through the grid and their replies, pulled as they arrive."""
+    """Messages pushed through the grid and their replies, pulled as they arrive.
+
+    A failing grid call (the SuperLink gone, past ``bound_retries``, or refusing the run) raises
+    ``SuperLinkLost``, and so does every later call: the link is not tried again."""
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
@@ -62,11 +104,24 @@ class Inbox:
         self.replies: dict[object, Message] = {}
         self.sent: dict[object, float] = {}  # key -> when its message was pushed (time.monotonic)
         self.arrived: dict[object, float] = {}  # key -> when its reply was pulled
+        self.lost: SuperLinkLost | None = None
+
+    def link(self, what: str, call: Callable[..., T], *args: Any) -> T:
+        """``call(*args)``, a grid call; ``SuperLinkLost`` if it fails."""
+        if self.lost is not None:
+            raise self.lost
+        try:
+            return call(*args)
+        except Exception as err:  # transport errors past the retries, or Flower's "run not running"
+            reason = f"{type(err).__name__}: {err}".strip().splitlines()[0]
+            self.lost = SuperLinkLost(f"the SuperLink is gone or no longer serves this run ({what} failed: {reason})")
+            raise self.lost from None
 
     def send(self, messages: Mapping[object, Message]) -> None:
         keys = list(messages)
         now = time.monotonic()
-        for key, message_id in zip(keys, self.grid.push_messages([messages[k] for k in keys]), strict=True):
+        pushed = self.link("pushing messages", self.grid.push_messages, [messages[k] for k in keys])
+        for key, message_id in zip(keys, pushed, strict=True):
             self.pending[message_id] = key
             self.sent[key] = now
 
@@ -74,7 +129,7 @@ class Inbox:
         """The reply for ``key``, or None if none came before ``deadline`` (``time.monotonic``)."""
         while key not in self.replies:
             if self.pending:
-                for reply in self.grid.pull_messages(list(self.pending)):
+                for reply in self.link("pulling replies", self.grid.pull_messages, list(self.pending)):
                     owner = self.pending.pop(reply.metadata.reply_to_message_id, None)
                     if owner is not None:
                         self.replies[owner] = reply
@@ -105,18 +160,29 @@ class FlowerTrainer(FederatedTrainer):
 
     grid: Grid | None = None
 
-    def connect(self, grid: Grid, num_clients: int, node_timeout: float, round_timeout: float) -> None:
-        """Wait for ``num_clients`` nodes, learn each one's client id and rank (QUERY)."""
+    def connect(
+        self,
+        grid: Grid,
+        num_clients: int,
+        node_timeout: float,
+        round_timeout: float,
+        link_timeout: float = LINK_TIMEOUT,
+    ) -> None:
+        """Wait for ``num_clients`` nodes, learn each one's client id and rank (QUERY); a SuperLink that
+        cannot be reached for ``min(link_timeout, round_timeout)`` seconds ends the run (``SuperLinkLost``)."""
         if self.aggregator.pooled:
             raise ConfigError(
                 f"trainer.aggregator: {strategy_name(self.aggregator)} pools every client's data in one model and "
                 "has no federated form; run it with `fedilora fit`"
             )
+        if not link_timeout > 0:
+            raise ConfigError(f"link-timeout (run config): must be > 0 seconds, got {link_timeout}")
         self.grid, self.round_timeout = grid, round_timeout
-        self._inbox, self._round_sent = Inbox(grid), None
+        bound_retries(grid, min(link_timeout, round_timeout))
+        self._inbox, self._replies = Inbox(grid), {}
         self._kept: dict[int, int] = {}  # secure aggregation: client -> rank of the personalized model it keeps
         deadline = time.monotonic() + node_timeout
-        nodes = sorted(grid.get_node_ids())
+        nodes = sorted(self._inbox.link("listing the nodes", grid.get_node_ids))
         while len(nodes) < num_clients:
             if time.monotonic() > deadline:
                 raise ConfigError(
@@ -124,7 +190,7 @@ class FlowerTrainer(FederatedTrainer):
                     f"node-timeout={node_timeout:g} s; start one flower-supernode per client"
                 )
             time.sleep(0.5)
-            nodes = sorted(grid.get_node_ids())
+            nodes = sorted(self._inbox.link("listing the nodes", grid.get_node_ids))
         content = RecordDict({"config": ConfigRecord({"fedilora-config": self.config_yaml})})
         self._inbox.send({node: Message(content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes})
         found: dict[int, tuple[int, int]] = {}  # client id -> (node, rank)
@@ -194,14 +260,7 @@ class FlowerTrainer(FederatedTrainer):
         lora: State,
         extra: State,
     ) -> ClientUpdate:
-        if self._round_sent != round_:  # first client of the round: every sampled client starts now
-            messages = {}
-            for planned, planned_rank in self.server.plan(round_):
-                payload = self.server.payload(planned, planned_rank)
-                messages[planned] = self._message(MessageType.TRAIN, model, round_, planned, planned_rank, *payload)
-            self._inbox.send(messages)
-            self._round_sent, self._deadline = round_, time.monotonic() + self.round_timeout
-        reply = self._inbox.wait(client, self._deadline)
+        reply = self._replies.pop(client, None)  # collected by _collect before the round's clients are processed
         problem = _reason(reply, "train", self.round_timeout)
         if problem is not None:
             raise ClientLost(problem)
@@ -220,6 +279,7 @@ class FlowerTrainer(FederatedTrainer):
         the median of the trip (TRAIN pushed to reply pulled) and of the work on the node within it."""
         self._builds = {"built": 0.0, "seconds": 0.0, "trips": [], "work": []}
         if self.secure_aggregation is None:
+            self._collect(model, round_)
             metrics = super()._run_round(model, datamodule, round_)
         else:
             metrics = self._masked_round(model, round_)
@@ -229,6 +289,44 @@ class FlowerTrainer(FederatedTrainer):
             metrics["flower/trip_s"] = statistics.median(self._builds["trips"])
             metrics["flower/client_work_s"] = statistics.median(self._builds["work"])
         return metrics
+
+    def _collect(self, model: LoRACLIPClassifier, round_: int) -> None:
+        """Send every sampled client its TRAIN message and wait for the replies (``train_client`` reads
+        them). Done before the inherited round processes any client, so that a lost SuperLink or a round
+        without a single answer stops the run before anything of this round is aggregated."""
+        messages = {}
+        for client, rank in self.server.plan(round_):
+            payload = self.server.payload(client, rank)
+            messages[client] = self._message(MessageType.TRAIN, model, round_, client, rank, *payload)
+        self._inbox.send(messages)
+        deadline = time.monotonic() + self.round_timeout
+        self._replies = {client: self._inbox.wait(client, deadline) for client in messages}
+        self._stop_if_all_lost(round_, {c: _reason(r, "train", self.round_timeout) for c, r in self._replies.items()})
+
+    def _stop_if_all_lost(self, round_: int, problems: Mapping[int, str | None]) -> None:
+        """``AllClientsLost`` when no client of the round answered (``problems``: client -> why lost, or None)."""
+        if problems and all(problems.values()):
+            first, why = next(iter(problems.items()))
+            raise AllClientsLost(
+                f"round {round_}: every one of its {len(problems)} sampled clients was lost (client {first}: {why})"
+            )
+
+    def fit(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict:
+        """``FederatedTrainer.fit``; a lost SuperLink or a round that lost all its clients ends it with
+        ``RunFailed``, after saving the last completed round (never the round under way)."""
+        try:
+            return super().fit(model, datamodule, ckpt_path=ckpt_path)
+        except (SuperLinkLost, AllClientsLost) as err:
+            if getattr(self, "_bar", None) is not None:
+                self._bar.close()
+            snapshot = getattr(self, "_snapshot", None)
+            if snapshot is None:
+                raise type(err)(f"{err}; no round had completed, nothing is saved") from None
+            path = self.save_checkpoint(snapshot)
+            raise type(err)(
+                f"{err}; the run stops: the last completed round ({snapshot['completed_rounds']}) is saved in "
+                f"{path}, no later one; {RESTART}"
+            ) from None
 
     # -------------------------------------------------------------------------- secure aggregation
     def _masked_round(self, model: LoRACLIPClassifier, round_: int) -> dict[str, float]:
@@ -244,8 +342,10 @@ class FlowerTrainer(FederatedTrainer):
         self._inbox.send(messages)
         deadline = time.monotonic() + self.round_timeout
         updates, failures, keys = [], [], {}
+        replies = {client: self._inbox.wait(client, deadline) for client, _ in plan}
+        self._stop_if_all_lost(round_, {c: _reason(r, "train", self.round_timeout) for c, r in replies.items()})
         for client, rank in plan:
-            reply = self._inbox.wait(client, deadline)
+            reply = replies[client]
             problem = _reason(reply, "train", self.round_timeout)
             if problem is None:
                 content = reply.content
@@ -367,7 +467,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """One federated run from the run config: ``config`` (the YAML of ``fedilora fit``), ``overrides``
-    (more ``fedilora fit`` arguments), ``ckpt-path`` (resume), ``node-timeout``, ``round-timeout``."""
+    (more ``fedilora fit`` arguments), ``ckpt-path`` (resume), ``node-timeout``, ``round-timeout``,
+    ``link-timeout``."""
     run_config = context.run_config
     set_threads()
     path = resolve_path(str(run_config["config"]), [Path.cwd()])
@@ -378,6 +479,7 @@ def main(grid: Grid, context: Context) -> None:
         parsed.datamodule.num_clients,
         node_timeout=float(run_config.get("node-timeout", 600.0)),
         round_timeout=float(run_config.get("round-timeout", 3600.0)),
+        link_timeout=float(run_config.get("link-timeout", LINK_TIMEOUT)),
     )
     ckpt_path = str(run_config.get("ckpt-path", "")) or None
     trainer.fit(parsed.model, parsed.datamodule, ckpt_path=ckpt_path)
