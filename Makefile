@@ -32,8 +32,10 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests experiments
 
-# the documentation site, strictly (a broken link fails), into build/site
+# the documentation site, strictly (a broken link fails), into build/site; the result tables are first
+# rendered from the benchmarks' JSON (experiments/results/*.json)
 docs: setup
+	$(BIN)/python experiments/render_results.py
 	$(BIN)/mkdocs build --strict
 
 clean:
