@@ -435,6 +435,35 @@ def test_a_round_zero_that_lost_every_client_saves_nothing(flower_trainer_factor
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_signal_stops_the_server_while_it_waits_for_replies(tmp_path):
+    """Flower's ServerApp gets SIGINT when its SuperExec is gone; the trainer's handler only sets a flag,
+    which the server checks while it waits for replies (its safe point) and stops, saving what completed."""
+    from fedilora.client import Interrupted
+    from fedilora.errors import RunFailed
+    from fedilora.flower.config import parse
+    from fedilora.flower.server_app import FlowerTrainer, Inbox
+
+    inbox = Inbox(FakeGrid({}), stop=lambda: True)
+    with pytest.raises(Interrupted):
+        inbox.wait(1, time.monotonic() + 60)
+    args = [*BASE_OVERRIDES, "--trainer.ranks=[8,4,2]", "--trainer.callbacks=[]", f"--trainer.root_dir={tmp_path}"]
+    parsed = parse(str(ROOT / "configs" / "demo.yaml"), args, trainer_class=FlowerTrainer)
+    grid = SilentGrid("silent")
+    parsed.trainer.connect(grid, 3, node_timeout=5, round_timeout=600)
+    pull = grid.pull_messages
+
+    def pull_then_signal(message_ids):  # the signal comes while round 0's replies are awaited
+        if grid.trains:
+            os.kill(os.getpid(), signal.SIGINT)
+        return pull(message_ids)
+
+    grid.pull_messages = pull_then_signal
+    started = time.monotonic()
+    with pytest.raises(RunFailed, match=r"the ServerApp was stopped by SIGINT \(what it saved is printed above\)"):
+        parsed.trainer.fit(parsed.model, parsed.datamodule)
+    assert time.monotonic() - started < 60 and not list(tmp_path.rglob("*.ckpt"))  # not the 600 s round timeout
+
+
 def test_a_resume_says_which_rounds_of_its_checkpoint_trained_no_client(caplog):
     from fedilora.checkpoint import FINGERPRINT_VERSION, check_resumable
 
@@ -616,3 +645,50 @@ def test_deployment_equals_fit_and_leaves_a_killed_client_out(federation, tmp_pa
     assert_same_history(a["history"], b["history"], skip=lambda key: key.startswith(lost))
     assert (a["history"][-1]["personalized/num_clients"], b["history"][-1]["personalized/num_clients"]) == (3.0, 2.0)
     assert "client 2 left out of the aggregation" in federation.logs(run_id)
+
+
+def _serverapps(federation) -> list[int]:
+    """The live ``flwr-serverapp`` processes of ``federation`` (Flower starts them detached, in a session
+    of their own under its SuperExec: they are not in the SuperLink's process group)."""
+    mine = f"FLWR_HOME={federation.home}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"flwr-serverapp" in (proc / "cmdline").read_bytes() and mine in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_serverapp_whose_superlink_is_killed_stops_and_saves_no_later_round(federation, tmp_path):
+    """A SuperLink killed (SIGKILL, itself only) while round 1 trains on 3 SuperNodes: its ServerApp,
+    left behind, ends by itself (it used to outlive its SuperLink for good, retrying the link); the run
+    folder holds the checkpoint of the completed round and none of a round it could not run."""
+    runs = tmp_path / "runs"
+    overrides = [*BASE_OVERRIDES, "--trainer.rounds=3", "--trainer.ranks=[8,4,2]", "--trainer.eval_every=5",
+                 "--trainer.callbacks=[]", f"--trainer.root_dir={runs}", "--trainer.name=killed"]  # fmt: skip
+    link = federation.start_superlink()
+    nodes = [
+        federation.add_supernode({"partition-id": k, "rank": r, "keep-alive": 300.0}, f"node{k}")
+        for k, r in enumerate([8, 4, 2])
+    ]
+    federation.submit(APP, {"config": "configs/demo.yaml", "overrides": " ".join(overrides), "link-timeout": 5.0})
+    deadline = time.monotonic() + 600
+    while nodes[0].tail(10**6).count("Receiving: train message") < 2:  # round 1 reached the nodes
+        assert time.monotonic() < deadline, nodes[0].tail()
+        time.sleep(0.05)
+    server = _serverapps(federation)
+    assert len(server) == 1
+    os.kill(link.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    try:
+        while _serverapps(federation):
+            assert time.monotonic() - killed < 90, "the ServerApp outlived its SuperLink"
+            time.sleep(0.2)
+    finally:
+        for pid in _serverapps(federation):  # what this test started: never left running
+            os.kill(pid, signal.SIGKILL)
+    print(f"the ServerApp ended {time.monotonic() - killed:.1f} s after its SuperLink was killed")
+    assert sorted(p.name for p in (runs / "killed").rglob("*.ckpt")) == ["round-0001.ckpt"]

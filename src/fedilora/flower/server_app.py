@@ -48,6 +48,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedilora.aggregation import ClientUpdate
+from fedilora.checkpoint import Stopped
+from fedilora.client import Interrupted
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, personalized_summary
@@ -96,10 +98,12 @@ class Inbox:
     """Messages pushed through the grid and their replies, pulled as they arrive.
 
     A failing grid call (the SuperLink gone, past ``bound_retries``, or refusing the run) raises
-    ``SuperLinkLost``, and so does every later call: the link is not tried again."""
+    ``SuperLinkLost``, and so does every later call: the link is not tried again. While waiting, a true
+    ``stop()`` (a SIGINT or SIGTERM seen by the trainer) raises ``Interrupted``: waiting for replies is
+    the server's safe point, as an optimizer step is a client's."""
 
-    def __init__(self, grid: Grid) -> None:
-        self.grid = grid
+    def __init__(self, grid: Grid, stop: Callable[[], object] = lambda: False) -> None:
+        self.grid, self.stop = grid, stop
         self.pending: dict[str, object] = {}  # message id -> key
         self.replies: dict[object, Message] = {}
         self.sent: dict[object, float] = {}  # key -> when its message was pushed (time.monotonic)
@@ -128,6 +132,8 @@ class Inbox:
     def wait(self, key: object, deadline: float) -> Message | None:
         """The reply for ``key``, or None if none came before ``deadline`` (``time.monotonic``)."""
         while key not in self.replies:
+            if self.stop():
+                raise Interrupted
             if self.pending:
                 for reply in self.link("pulling replies", self.grid.pull_messages, list(self.pending)):
                     owner = self.pending.pop(reply.metadata.reply_to_message_id, None)
@@ -179,7 +185,7 @@ class FlowerTrainer(FederatedTrainer):
             raise ConfigError(f"link-timeout (run config): must be > 0 seconds, got {link_timeout}")
         self.grid, self.round_timeout = grid, round_timeout
         bound_retries(grid, min(link_timeout, round_timeout))
-        self._inbox, self._replies = Inbox(grid), {}
+        self._inbox, self._replies = Inbox(grid, stop=lambda: self._interrupted), {}
         self._kept: dict[int, int] = {}  # secure aggregation: client -> rank of the personalized model it keeps
         deadline = time.monotonic() + node_timeout
         nodes = sorted(self._inbox.link("listing the nodes", grid.get_node_ids))
@@ -316,6 +322,8 @@ class FlowerTrainer(FederatedTrainer):
         ``RunFailed``, after saving the last completed round (never the round under way)."""
         try:
             return super().fit(model, datamodule, ckpt_path=ckpt_path)
+        except Stopped as err:  # SIGINT/SIGTERM (Flower's own when its SuperExec is gone): end as a failed run
+            raise RunFailed(f"the ServerApp was stopped by {err} (what it saved is printed above); {RESTART}") from None
         except (SuperLinkLost, AllClientsLost) as err:
             if getattr(self, "_bar", None) is not None:
                 self._bar.close()
