@@ -13,6 +13,7 @@ from torch import Tensor
 from fedilora.algorithms.dimension_wise import DimensionWise
 from fedilora.algorithms.fedavg import FedAvg
 from fedilora.algorithms.fedexlora import FedExLoRA
+from fedilora.algorithms.fedplora import FedPLoRA, client_payload, select_modules
 from fedilora.algorithms.flexlora import FlexLoRA, dense_truncated_factors
 from fedilora.algorithms.hlora import HLoRA
 from fedilora.algorithms.rblora import RBLoRA
@@ -252,6 +253,58 @@ def test_rblora_runs_on_secure_aggregation_sums_with_the_same_result() -> None:
     torch.testing.assert_close(extra["head.w"], torch.full((2,), (0 * 20 + 1 * 50 + 2 * 30) / 100, dtype=torch.float64))
 
 
+# ------------------------------------------------------------------------------ Fed-PLoRA (server side)
+def selected(k: int, lora: dict[str, Tensor], n: int, modules: list[int]) -> ClientUpdate:
+    u = update(k, lora, n)
+    u.info["modules"] = modules
+    return u
+
+
+def test_fedplora_hand_computed_per_module_average() -> None:
+    previous = hand_lora([[1.0, 2.0, 3.0]], [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # R = 3
+    clients = [
+        selected(0, hand_lora([[5.0, 7.0]], [[2.0, 0.0], [4.0, 4.0]]), 1, [0, 2]),
+        selected(1, hand_lora([[3.0]], [[0.0, 4.0]]), 3, [2]),
+    ]
+    out = FedPLoRA().setup(1.0).aggregate(previous, clients)
+    # module 0: client 0 alone; module 1: trained by nobody, kept; module 2: (1 * c0 + 3 * c1) / 4
+    torch.testing.assert_close(out[A], torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 4.0]], dtype=torch.float64))
+    torch.testing.assert_close(out[B], torch.tensor([[5.0, 2.0, 4.0]], dtype=torch.float64))
+
+
+def test_fedplora_client_starts_from_the_global_model_exactly() -> None:
+    scale = 0.5
+    global_lora = make_lora(GLOBAL_RANK, 0)
+    agg = FedPLoRA(seed=3).setup(scale)
+    trainable, fold, modules = agg.payload(global_lora, round=4, client=2, rank=2)
+    assert modules == select_modules(3, 4, 2, 2, GLOBAL_RANK) and len(set(modules)) == 2
+    for prefix, (a, b) in module_keys(global_lora).items():
+        assert trainable[a].shape[0] == 2
+        torch.testing.assert_close(trainable[a], global_lora[a][modules])
+        started = fold[prefix] + scale * trainable[b] @ trainable[a]
+        torch.testing.assert_close(started, scale * global_lora[b] @ global_lora[a], rtol=0, atol=1e-12)
+    # the draw depends on the round: over rounds a rank-1 client meets every module
+    drawn = {m for r in range(40) for m in select_modules(3, r, 2, 1, GLOBAL_RANK)}
+    assert drawn == set(range(GLOBAL_RANK))
+    _, fold_all = client_payload(global_lora, list(range(GLOBAL_RANK)), scale)
+    assert all(f.abs().max() == 0 for f in fold_all.values())  # training every module folds nothing
+
+
+def test_fedplora_every_module_trained_by_all_is_fedavg_and_a_silent_update_is_refused() -> None:
+    previous = make_lora(GLOBAL_RANK, 0)
+    clients = [selected(k, make_lora(GLOBAL_RANK, 10 + k), 10 * (k + 1), [0, 1, 2]) for k in range(2)]
+    out = FedPLoRA().setup(1.0).aggregate(previous, clients)
+    fedavg = FedAvg().aggregate(previous, clients)
+    for key in out:
+        torch.testing.assert_close(out[key], fedavg[key], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="does not say which rank-1 modules"):
+        FedPLoRA().setup(1.0).aggregate(previous, [update(0, make_lora(2, 1), 5)])
+    with pytest.raises(ValueError, match=r"outside 0\.\.2"):
+        FedPLoRA().setup(1.0).aggregate(previous, [selected(0, make_lora(2, 1), 5, [0, 3])])
+    with pytest.raises(ConfigError, match="FedPLoRA needs each client to fold"):
+        FedPLoRA().setup(1.0).broadcast(previous, 2)
+
+
 # --------------------------------------------------------------------------------- privacy: clean refusals
 @pytest.mark.parametrize(
     ("method", "dp_reason", "secagg_reason"),
@@ -259,6 +312,7 @@ def test_rblora_runs_on_secure_aggregation_sums_with_the_same_result() -> None:
         ("FedExLoRA", "residual", "dense products"),
         ("HLoRA", "SVD of the averaged products", "must see every update"),
         ("RBLoRA", "re-basis is not linear", None),
+        ("FedPLoRA", "randomly drawn set of modules", "not part of the masked"),
     ],
 )
 def test_privacy_is_refused_with_the_reason_where_it_cannot_work(method, dp_reason, secagg_reason) -> None:
