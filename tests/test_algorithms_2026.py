@@ -117,6 +117,29 @@ def test_fedexlora_equal_ranks_factors_are_fedavg_and_one_client_has_no_residual
         assert delta.abs().max() < 1e-12
 
 
+@pytest.mark.slow
+def test_fedexlora_run_adds_every_residual_to_the_base_weights(tmp_path) -> None:
+    from fedilora.model import LoRACLIPClassifier
+    from fedilora.trainer import FederatedTrainer
+    from helpers import tiny_datamodule
+
+    aggregator = FedExLoRA()
+    torch.manual_seed(0)
+    model = LoRACLIPClassifier(num_classes=12)
+    trainer = FederatedTrainer(rounds=2, clients_per_round=3, ranks=[4, 2, 1], max_local_steps=2,
+                               aggregator=aggregator, root_dir=str(tmp_path), progress=False)  # fmt: skip
+    trainer.fit(model, tiny_datamodule(num_clients=3))
+    torch.manual_seed(trainer.seed)  # the trainer seeds the backbone's initialisation the same way
+    fresh = LoRACLIPClassifier(num_classes=12)
+    fresh.configure_model()
+    fresh.add_ranks([4])
+    assert aggregator.merged_modules()
+    for prefix, merged in aggregator.merged.items():
+        assert merged.abs().max() > 0  # heterogeneous ranks: a real residual every round
+        moved = model.base_weight(prefix) - fresh.base_weight(prefix)
+        torch.testing.assert_close(moved, merged, atol=1e-6, rtol=1e-5)
+
+
 def test_fedexlora_merges_accumulate_and_survive_a_checkpoint() -> None:
     agg = FedExLoRA().setup(1.0)
     agg.aggregate(make_lora(GLOBAL_RANK, 0), HETEROGENEOUS)

@@ -45,7 +45,8 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout, for configs/ when ru
 METHODS = [
     "fedilora", "fedilora_no_edit", "fedilora_edit_half", "fedilora_edit_replace", "fedilora_edit_lora_b",
     "fedilora_edit_all", "fedilora_fixed_alpha", "fedilora_paper", "fedilora_outlier", "fedilora_delta",
-    "fedilora_delta_outlier", "fedavg", "hetlora", "flora", "flexlora", "local", "centralized",
+    "fedilora_delta_outlier", "fedavg", "hetlora", "flora", "flexlora", "fedexlora", "hlora", "rblora",
+    "fedavg_mean_rank", "local", "centralized",
 ]  # fmt: skip
 SWEEP_METHODS = ["fedilora", "hetlora", "flora", "flexlora"]
 MISSING_RATES = [0.0, 0.2, 0.4, 0.6, 0.8]
@@ -101,7 +102,7 @@ def has_checkpoint(root: Path, name: str) -> bool:
 def run_one(args: list[str], root: Path, name: str) -> tuple[list[dict], dict]:
     """One ``fedilora fit`` in this process, resumed from its last checkpoint if it has one."""
     import fedilora  # noqa: F401  (the torchvision shim before lightning)
-    from fedilora.cli import FediLoRACLI
+    from fedilora.lightning_cli import FediLoRACLI
 
     if has_checkpoint(root, name):
         args = [*args, "--ckpt_path", "last"]
