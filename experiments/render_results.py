@@ -133,10 +133,10 @@ def _secagg(data: dict) -> tuple[list[Row], list[str]]:
         what = f"{model} ({r['coordinates']:,} coordinates)"
         for key, label in (("client", "one client masks"), ("server", "the server unmasks"),
                            ("simulator", "the simulator's whole masked sum")):  # fmt: skip
-            rows.append((f"{what}: {label}", _s(m[key]), plain, f"{m[key] / m['plain']:.1f}x", NO_TARGET, "-"))
+            rows.append((f"{what}: {label}", _s(m[key]), plain, f"{m[key] / m['plain']:.3g}x", NO_TARGET, "-"))
         up = r["upload_bytes"]
         rows.append((f"{what}: upload per client", f"{up['masked'] / 1e6:.2f} MB",
-                     f"{up['plain_mean'] / 1e6:.2f} MB unmasked (mean)", f"{up['masked'] / up['plain_mean']:.1f}x",
+                     f"{up['plain_mean'] / 1e6:.2f} MB unmasked (mean)", f"{up['masked'] / up['plain_mean']:.3g}x",
                      NO_TARGET, "-"))  # fmt: skip
     err = max(r["max_abs_error"] for r in data["rows"].values())
     notes = [f"{data['clients']} clients, median of {data['repeats']}; the masked sums equal the plain ones to "
@@ -217,8 +217,7 @@ def _machine(m: dict) -> str:
     day, time = m["date"].split("T")
     threads = m["torch_threads"]
     load = " / ".join(f"{x:.2f}" for x in m["loadavg"])
-    shared = (f", above its {m['cpu_count']} cores: other jobs shared them" if m["loadavg"][0] > m["cpu_count"]
-              else "")  # fmt: skip
+    shared = f" (above {m['cpu_count']}: other jobs shared the cores)" if m["loadavg"][0] > m["cpu_count"] else ""
     return (f"Measured {day} {time[:5]} on this machine ({m['cpu']}, {m['cpu_count']} cores), {threads} torch "
             f"thread{'s' if threads != 1 else ''}, torch {m['torch']}, Python {m['python']}; load average "
             f"{load} (1 / 5 / 15 min) when the run ended{shared}.")  # fmt: skip
@@ -264,17 +263,16 @@ def render_page(text: str, results: Path = RESULTS, page: str = "page") -> str:
 
 def render_docs(docs: Path = DOCS, results: Path = RESULTS, write: bool = True) -> list[Path]:
     """Regenerate every block under ``docs``; return the pages whose text changed (written when ``write``)."""
-    changed = []
+    rendered = {}
     for page in sorted(docs.rglob("*.md")):
         text = page.read_text()
-        if "<!-- results:" not in text:
-            continue
-        new = render_page(text, results, str(page.relative_to(docs.parent)))
-        if new != text:
-            changed.append(page)
-            if write:
-                page.write_text(new)
-    return changed
+        if "<!-- results:" in text:
+            new = render_page(text, results, str(page.relative_to(docs.parent)))
+            if new != text:
+                rendered[page] = new
+    for page, new in rendered.items() if write else ():  # after every page rendered: an error writes nothing
+        page.write_text(new)
+    return list(rendered)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,13 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if a page is out of date")
     args = parser.parse_args(argv)
     try:
-        changed = render_docs(write=not args.check)
+        changed = render_docs(DOCS, RESULTS, write=not args.check)
     except RenderError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for page in changed:
         action = "out of date" if args.check else "rendered"
-        print(f"{page.relative_to(ROOT)}: {action}")
+        print(f"{page.relative_to(DOCS.parent)}: {action}")
     if args.check and changed:
         print("run: .venv/bin/python experiments/render_results.py (or make docs)", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -106,3 +107,84 @@ def test_own_data_in_three_commands(tmp_path):
         assert done.returncode == 0, (line, done.stderr[-3000:])
     assert re.fullmatch(r'my_data/images/0000\.png \+ "a photo of a red car" -> (car|boat|tree) \(\d\.\d{4}\)\n',
                         done.stdout), done.stdout  # fmt: skip
+
+
+def _render_results():
+    """experiments/render_results.py, which renders the result tables of the docs from the benchmarks' JSON."""
+    spec = importlib.util.spec_from_file_location("render_results", ROOT / "experiments" / "render_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_pages_are_rendered_from_the_kept_json():
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "render_results.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr  # rendering would change nothing
+    shown = {name for page in (ROOT / "docs").rglob("*.md") for name in re.findall(r"<!-- results:([\w.-]+) -->",
+                                                                                       page.read_text())}  # fmt: skip
+    kept = subprocess.run(["git", "ls-files", "experiments/results"], cwd=ROOT, capture_output=True, text=True)
+    if kept.returncode != 0:
+        pytest.skip("not a git checkout: which results JSON is kept is unknown")
+    kept_names = {Path(line).stem for line in kept.stdout.split()}
+    assert kept_names >= {"bench_overhead_threads1", "privacy_audit"}
+    assert not any("_quick" in name for name in kept_names)  # smoke tests stay out of the repository
+    assert kept_names <= shown, kept_names - shown  # every kept result is on a page
+
+
+def test_a_changed_result_changes_its_page(tmp_path):
+    render = _render_results()
+    for source in (ROOT / "experiments" / "results").glob("*.json"):
+        (tmp_path / source.name).write_text(source.read_text())
+    page = (ROOT / "docs" / "results" / "benchmarks.md").read_text()
+    assert render.render_page(page, tmp_path) == page
+    data = json.loads((tmp_path / "bench_overhead_threads1.json").read_text())
+    assert "| 9.876 |" not in page
+    data.update(ratio=9.876, met=False)
+    data["machine"]["date"] = "2031-02-03T04:05:06"
+    (tmp_path / "bench_overhead_threads1.json").write_text(json.dumps(data))
+    changed = render.render_page(page, tmp_path)
+    block = re.search(r"<!-- results:bench_overhead_threads1 -->\n(.*?)<!-- /results:", changed, flags=re.S)[1]
+    assert "| 9.876 | ≤ 1.1 | **no** |" in block and "Measured 2031-02-03 04:05" in block
+    old_block = re.search(r"<!-- results:bench_overhead_threads1 -->\n(.*?)<!-- /results:", page, flags=re.S)[1]
+    assert changed.replace(block, old_block) == page  # the rest of the page is its own
+
+
+def test_results_blocks_that_cannot_be_rendered_are_one_line_errors(tmp_path):
+    render = _render_results()
+    (tmp_path / "bench_overhead_threads1.json").write_text('{"ratio": 1.0}')  # a results file of another shape
+    cases = {
+        "<!-- results:bench_overhead_quick -->\n<!-- /results:bench_overhead_quick -->": "is a quick run",
+        "<!-- results:bench_overhead -->\n<!-- /results:bench_overhead -->": "bench_overhead.json does not exist",
+        "<!-- results:bench_nothing -->\n<!-- /results:bench_nothing -->": "no renderer for benchmark 'bench_nothing'",
+        "<!-- results:bench_overhead_threads1 -->\n<!-- /results:bench_overhead_threads1 -->": "does not hold",
+        "<!-- results:privacy_audit -->\ntext\n": "has no matching",
+        "<!-- results:privacy_audit -->\n<!-- /results:bench_secagg -->": "has no matching",
+    }
+    for text, message in cases.items():
+        with pytest.raises(render.RenderError) as error:
+            render.render_page(text, tmp_path, page="p.md")
+        assert message in str(error.value) and str(error.value).startswith("p.md: ") and "\n" not in str(error.value)
+
+
+def test_render_results_writes_stale_pages_and_check_only_reports_them(tmp_path, monkeypatch, capsys):
+    render = _render_results()
+    (tmp_path / "results").mkdir()
+    source = ROOT / "experiments" / "results" / "privacy_audit.json"
+    (tmp_path / "results" / "privacy_audit.json").write_text(source.read_text())
+    page = tmp_path / "docs" / "audit.md"
+    page.parent.mkdir()
+    stale = "# Audit\n\n<!-- results:privacy_audit -->\nold figures\n<!-- /results:privacy_audit -->\n\nAfter.\n"
+    page.write_text(stale)
+    monkeypatch.setattr(render, "DOCS", tmp_path / "docs")
+    monkeypatch.setattr(render, "RESULTS", tmp_path / "results")
+    assert render.main(["--check"]) == 1 and page.read_text() == stale  # --check writes nothing
+    assert "docs/audit.md: out of date" in capsys.readouterr().out
+    assert render.main([]) == 0
+    text = page.read_text()
+    assert "old figures" not in text and "| 2.17 |" in text
+    assert text.startswith("# Audit\n\n") and text.endswith("<!-- /results:privacy_audit -->\n\nAfter.\n")
+    assert render.main(["--check"]) == 0
+    (tmp_path / "results" / "privacy_audit.json").unlink()
+    assert render.main([]) == 2 and page.read_text() == text
+    assert capsys.readouterr().err.count("\n") == 1  # one line: the page, the block, the missing file
