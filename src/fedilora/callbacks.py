@@ -23,12 +23,54 @@ other arguments alone (``ModelEditing`` does).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from fedilora.types import ClientUpdate
 
 
 class FederatedCallback:
-    """Base class of federated callbacks; every hook is optional."""
+    """Base class of federated callbacks: every hook is declared here and does nothing; override any.
+
+    The engine passes the arguments by keyword (``trainer`` is None for a client on its own machine).
+    """
+
+    #: the hooks, in the order a round fires them (``fedilora.client.fit_client`` fires the client ones)
+    HOOKS = (
+        "on_fit_start",
+        "on_round_start",
+        "on_client_fit_start",
+        "on_client_fit_end",
+        "on_aggregate_end",
+        "on_round_end",
+        "on_fit_end",
+    )
+
+    def on_fit_start(self, trainer: Any) -> None:
+        """Before the first round (of this start: after a resume, before the first round left)."""
+
+    def on_round_start(self, trainer: Any, round: int) -> None:
+        """Before the round's clients are trained (``round`` counts from 0)."""
+
+    def on_client_fit_start(self, trainer: Any, round: int, client_id: int, rank: int) -> None:
+        """Before one client's local training, where the client trains."""
+
+    def on_client_fit_end(self, trainer: Any, round: int, update: ClientUpdate, received: Mapping[str, Tensor]) -> None:
+        """After one client's local training, before upload: ``update`` may be modified in place."""
+
+    def on_aggregate_end(
+        self, trainer: Any, round: int, global_lora: Mapping[str, Tensor], updates: Sequence[ClientUpdate]
+    ) -> None:
+        """After the server aggregated the round's healthy ``updates`` into ``global_lora``."""
+
+    def on_round_end(self, trainer: Any, round: int, metrics: dict[str, float]) -> None:
+        """After the round (and its evaluation, if any): ``metrics`` may be extended before it is logged."""
+
+    def on_fit_end(self, trainer: Any, results: dict) -> None:
+        """After the last round, with the run's final results."""
 
 
 def hook_caller(callbacks: Sequence[object], trainer: object = None) -> Callable[..., None]:

@@ -14,10 +14,10 @@ import torch
 from lightning.fabric import Fabric
 from torch import Tensor
 
-from fedilora.aggregation import ClientUpdate
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
 from fedilora.server import client_seed
+from fedilora.types import ClientUpdate
 
 
 class Interrupted(BaseException):

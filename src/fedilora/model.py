@@ -38,11 +38,8 @@ from fedilora.backbone import (
     lora_target_regex,
 )
 from fedilora.errors import ConfigError
-
-Task = Literal["multiclass", "multilabel", "binary"]
-State = dict[str, Tensor]
-
-_PEFT_PREFIX = "base_model.model."
+from fedilora.lora_ops import PEFT_PREFIX as _PEFT_PREFIX
+from fedilora.types import State, Task
 
 
 class LoRACLIPClassifier(L.LightningModule):

@@ -30,9 +30,8 @@ from torch import Tensor
 
 from fedilora.atomic import write_atomically
 from fedilora.errors import ConfigError
+from fedilora.types import Personal, State
 
-State = dict[str, Tensor]
-Personal = tuple[int, State, State]  # (rank, lora, extra) of one client's personalized model
 # A state is touched at most twice a round (stored after aggregation, read to evaluate it), so RAM
 # buys little beyond the states of a few clients: 16 MiB holds ~45 tiny-model clients (the demo and the
 # tests never spill) and keeps a 1000-client run's RSS flat (experiments/bench_memory.py).

@@ -32,12 +32,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fedilora.aggregation import Aggregator, ClientUpdate, State, nbytes, sample_weights, weighted_average
+from fedilora.algorithms.base import Aggregator, method_name
+from fedilora.algorithms.sums import sample_weights, weighted_average
 from fedilora.errors import ConfigError, RunFailed
+from fedilora.lora_ops import nbytes
 from fedilora.personal import Personal, PersonalStore
 from fedilora.privacy.dp import DifferentialPrivacy, coverage, released_only
 from fedilora.privacy.rounds import add_contributions, contribution, release, zero_contribution
 from fedilora.privacy.secagg import SecureAggregation
+from fedilora.types import ClientUpdate, State
 
 NOISE_STREAM = -2  # the "client id" of the server's privacy noise in ``client_seed``
 POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
@@ -45,9 +48,7 @@ POOLED = -1  # the client id of ``Centralized``'s single model trained on the un
 MIN_UPDATES_FOR_MEDIAN = 3
 
 
-def strategy_name(obj: object) -> str:
-    """The class name, without jsonargparse's ``LazyInstance_`` prefix of lazily built defaults."""
-    return type(obj).__name__.removeprefix("LazyInstance_")
+strategy_name = method_name  # the name this module exported before ``fedilora.algorithms``
 
 
 # ----------------------------------------------------------------------------------------- round plan
@@ -278,7 +279,7 @@ class FederatedServer:
 
     @property
     def merges_into_base(self) -> bool:
-        return bool(getattr(self.aggregator, "merges_into_base", False))
+        return self.aggregator.merges_into_base
 
     def plan(self, round: int) -> list[tuple[int, int]]:
         return round_plan(self.aggregator, self.ranks, self.per_round, self.global_rank, self.seed, round)
@@ -457,7 +458,7 @@ class FederatedServer:
     # ---------------------------------------------------------------------------------- checkpoints
     def merged_modules(self) -> list[str]:
         """Modules whose base weights the aggregator changed (FLoRA's merges); a checkpoint keeps them."""
-        return list(getattr(self.aggregator, "merged", {})) if self.merges_into_base else []
+        return self.aggregator.merged_modules() if self.merges_into_base else []
 
     def state_dict(self) -> dict:
         """The server's state (references, not copies: the round step replaces tensors, never changes them)."""
@@ -466,7 +467,7 @@ class FederatedServer:
             "global_lora": self.global_lora,
             "global_extra": self.global_extra,
             "personal": self.personal.snapshot(),  # the checkpoint writer turns it into tensors and file names
-            "aggregator": aggregator.state_dict() if hasattr(aggregator, "state_dict") else {},
+            "aggregator": aggregator.state_dict(),
             "privacy": self.privacy.state_dict() if self.privacy is not None else {},
         }
 
@@ -475,8 +476,7 @@ class FederatedServer:
         self.global_lora = {k: v.to(device) for k, v in state["global_lora"].items()}
         self.global_extra = {k: v.to(device) for k, v in state["global_extra"].items()}
         self.personal.load(state["personal"], folder)  # on the CPU, as the round step keeps them
-        if hasattr(self.aggregator, "load_state_dict"):
-            self.aggregator.load_state_dict(state["aggregator"])
+        self.aggregator.load_state_dict(state["aggregator"])
         if (self.privacy is None) != (not state["privacy"]):  # a DP run resumed without DP, or the reverse
             had = "with" if state["privacy"] else "without"
             raise ConfigError(

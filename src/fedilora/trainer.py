@@ -25,7 +25,8 @@ from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedilora.aggregation import Aggregator, ClientUpdate, DimensionWise
+from fedilora.algorithms.base import Aggregator
+from fedilora.algorithms.dimension_wise import DimensionWise
 from fedilora.callbacks import FederatedCallback
 from fedilora.checkpoint import (
     Stopped,
@@ -46,6 +47,7 @@ from fedilora.output import RunOutput, majority_warning, run_results
 from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore, Snapshot
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.privacy.dp import released_only
+from fedilora.runtime import build, launch
 from fedilora.server import (
     POOLED,
     FederatedServer,
@@ -57,6 +59,7 @@ from fedilora.server import (
     run_problem,
     strategy_name,
 )
+from fedilora.types import ClientUpdate
 
 
 class FederatedTrainer:
@@ -69,8 +72,8 @@ class FederatedTrainer:
         global_lora_rank: Rank R of the global adapter (default: the largest client rank).
         local_epochs: Local epochs over a client's training split per round.
         max_local_steps: If set, at most this many optimizer steps per client and round.
-        aggregator: Server strategy, e.g. ``fedilora.aggregation.DimensionWise`` (FediLoRA) or ``FedAvg``.
-        callbacks: Federated callbacks, e.g. ``fedilora.editing.ModelEditing`` (FediLoRA's editing).
+        aggregator: Server strategy, e.g. ``fedilora.algorithms.DimensionWise`` (FediLoRA) or ``FedAvg``.
+        callbacks: Federated callbacks, e.g. ``fedilora.algorithms.ModelEditing`` (FediLoRA's editing).
         eval_every: Evaluate the global and personalized models every this many rounds (and after the last).
         min_clients_per_round: A round with fewer healthy updates than this is skipped (global model unchanged).
         max_update_norm: Reject a client update whose L2 distance from what it started from exceeds this.
@@ -169,7 +172,7 @@ class FederatedTrainer:
         if personal_memory_mb is not None and not personal_memory_mb >= 0:
             raise ConfigError(f"trainer.personal_memory_mb: must be >= 0 or null (no limit), got {personal_memory_mb}")
         if not isinstance(aggregator, Aggregator):
-            raise ConfigError(f"trainer.aggregator: {aggregator!r} is not a fedilora.aggregation.Aggregator")
+            raise ConfigError(f"trainer.aggregator: {aggregator!r} is not a fedilora.algorithms.Aggregator")
         self.rounds, self.clients_per_round, self.ranks = rounds, clients_per_round, ranks
         self.global_lora_rank = global_lora_rank
         self.local_epochs, self.max_local_steps = local_epochs, max_local_steps
@@ -243,11 +246,10 @@ class FederatedTrainer:
     ) -> None:
         """``spill``: the personalized states may be written to the run folder (not when only reading a checkpoint)."""
         self.aggregator.setup(scale=model.lora_scale)
-        name = strategy_name(self.aggregator)
         if self.privacy is not None:
-            self.privacy.setup(name, len(ranks), per_round, self.rounds)
+            self.privacy.setup(self.aggregator, len(ranks), per_round, self.rounds)
         if self.secure_aggregation is not None:
-            self.secure_aggregation.setup(name, 1 if self.aggregator.pooled else per_round)
+            self.secure_aggregation.setup(self.aggregator, 1 if self.aggregator.pooled else per_round)
         self.server = FederatedServer(
             self.aggregator,
             ranks,
@@ -267,12 +269,7 @@ class FederatedTrainer:
     def launch(self) -> None:
         """``fabric.launch()``: start the other processes of this node, or join those a cluster's launcher
         started (torchrun, SLURM), which must agree with ``trainer.devices`` and ``trainer.num_nodes``."""
-        try:
-            self.fabric.launch()
-        except ValueError as err:  # Fabric's check of the launcher's world size, tasks per node and nodes
-            raise ConfigError(
-                f"trainer.devices/num_nodes (or the launcher's environment): {str(err).splitlines()[0]}"
-            ) from None
+        launch(self.fabric)
 
     def _personal_store(self, spill: bool) -> PersonalStore:
         budget = None if self.personal_memory_mb is None else int(self.personal_memory_mb * 2**20)
@@ -298,12 +295,8 @@ class FederatedTrainer:
         ranks, per_round, global_rank = self._check(model, datamodule)
         self.launch()
         remove_stale_temporaries(fabric, self.root_dir, self.name)
-        fabric.seed_everything(self.seed)
-        datamodule.setup("fit")
+        build(fabric, self.seed, model, datamodule, "fit", [*ranks, global_rank])
         fabric.print(datamodule.class_summary(with_train=self.privacy is None))
-        model.configure_model()
-        model.add_ranks([*ranks, global_rank])
-        model.to(fabric.device)
         self._setup_server(model, ranks, per_round, global_rank)
         self.output = RunOutput(fabric.logger, is_writer=fabric.is_global_zero)
         self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
@@ -412,9 +405,7 @@ class FederatedTrainer:
 
         check_export_target(Path(out), overwrite)  # before the minutes a large model takes to build
         ranks, per_round, global_rank = self._check(model, datamodule)
-        torch.manual_seed(self.seed)
-        model.configure_model()
-        model.add_ranks([*ranks, global_rank])
+        build(self.fabric, self.seed, model, None, ranks=[*ranks, global_rank], on_device=False, verbose=False)
         self._setup_server(model, ranks, per_round, global_rank, spill=False)
         self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
         completed = self._restore(model, ckpt_path)
@@ -448,7 +439,9 @@ class FederatedTrainer:
         """
         from fedilora.validate import validate
 
-        return validate(self, model, datamodule, ckpt_path, adapter, conditions, out)
+        return validate(model, datamodule, self.fabric, self.aggregator, seed=self.seed, ckpt_path=ckpt_path,
+                        adapter=adapter, conditions=conditions, out=out, callbacks=self.callbacks,
+                        runs=(self.root_dir, self.name))  # fmt: skip
 
     def _say_what_dp_changes(self) -> None:
         privacy, print_ = self.privacy, self.fabric.print

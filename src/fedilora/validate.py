@@ -2,9 +2,10 @@
 
 The models come from a checkpoint (``--ckpt_path``, ``last`` included) or from the folders that
 ``fedilora export`` writes (``--adapter``); the data is any data group, partitioned as in ``fit``.
-The evaluation itself is the trainer's (``FederatedTrainer.evaluate``): the global model on the
-global test set under each chosen modality condition, and every client's personalized model on its
-own test split, printed as the same table as ``fedilora fit``.
+The evaluation is ``fit``'s (``fedilora.evaluation``): the global model on the global test set under
+each chosen modality condition, and every client's personalized model on its own test split, printed
+as the same table as ``fedilora fit``. Functions over a model, data, a Fabric and the run's method: no
+trainer is needed (``FederatedTrainer.validate`` calls :func:`validate`).
 """
 
 from __future__ import annotations
@@ -18,19 +19,23 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
-from fedilora.aggregation import rank_axis
+from fedilora.algorithms.base import method_name
 from fedilora.backbone import adapter_name
 from fedilora.checkpoint import check_finite, find_last, load_checkpoint
 from fedilora.data.datamodule import CONDITIONS, Condition, FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.evaluation import evaluate_global, evaluate_personalized
+from fedilora.lora_ops import PEFT_PREFIX as _PEFT_PREFIX
+from fedilora.lora_ops import rank_axis, to_device
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.personal import PersonalStore
+from fedilora.runtime import build, launch
 
 if TYPE_CHECKING:
-    from fedilora.trainer import FederatedTrainer
+    from lightning.fabric import Fabric
 
-_PEFT_PREFIX = "base_model.model."
+    from fedilora.algorithms.base import Aggregator
+
 ALL_CONDITIONS: tuple[Condition, ...] = (*CONDITIONS, "missing")
 
 
@@ -56,9 +61,10 @@ class Models:
 
 
 # ------------------------------------------------------------------------------------- sources
-def from_checkpoint(trainer: FederatedTrainer, ckpt_path: str) -> Models:
-    path = find_last(trainer.root_dir, trainer.name) if ckpt_path == "last" else Path(ckpt_path)
-    state = load_checkpoint(trainer.fabric, path)
+def from_checkpoint(fabric: Fabric, ckpt_path: str, runs: tuple[str, str] = ("runs", "fedilora")) -> Models:
+    """A checkpoint, or with ``last`` the newest of ``runs`` (``(root_dir, name)``)."""
+    path = find_last(*runs) if ckpt_path == "last" else Path(ckpt_path)
+    state = load_checkpoint(fabric, path)
     config = state["fingerprint"]["config"]  # the run's resolved config, flat: {"trainer.seed": 0, ...}
     store = PersonalStore()
     store.load(state["personal"], path.parent)  # a spilled state's file is checked, then read here
@@ -144,7 +150,7 @@ def _head_out(extra: Mapping[str, Tensor]) -> int | None:
 
 
 # ------------------------------------------------------------------------------------- checks
-def _check(trainer: FederatedTrainer, model: LoRACLIPClassifier, datamodule: FederatedDataModule, models: Models):
+def _check(aggregator: Aggregator, model: LoRACLIPClassifier, datamodule: FederatedDataModule, models: Models):
     where = f"--ckpt_path {models.source}" if models.aggregator else f"--adapter {models.source}"
     if model.num_classes != datamodule.num_classes or model.task != datamodule.task:
         raise ConfigError(
@@ -162,7 +168,7 @@ def _check(trainer: FederatedTrainer, model: LoRACLIPClassifier, datamodule: Fed
         raise ConfigError(
             f"{where}: trained with model.model_name {models.model_name!r}, this config has {model.model_name!r}"
         )
-    strategy = type(trainer.aggregator).__name__.removeprefix("LazyInstance_")
+    strategy = method_name(aggregator)
     if models.aggregator is not None and models.aggregator != strategy:
         raise ConfigError(
             f"{where}: written by a {models.aggregator} run, this config's trainer.aggregator is {strategy}; "
@@ -182,7 +188,7 @@ def _check(trainer: FederatedTrainer, model: LoRACLIPClassifier, datamodule: Fed
                     f"--adapter {folder}: exported with model.{option} {meta[option]!r}, this config has "
                     f"{getattr(model, option)!r}"
                 )
-    if models.aggregator is None and getattr(trainer.aggregator, "merges_into_base", False):
+    if models.aggregator is None and aggregator.merges_into_base:
         raise ConfigError(
             f"--adapter {models.source}: {strategy} merges its adapter into the frozen base weights every round and "
             "an export does not hold them; validate the run's checkpoint (--ckpt_path) instead"
@@ -190,8 +196,7 @@ def _check(trainer: FederatedTrainer, model: LoRACLIPClassifier, datamodule: Fed
 
 
 def _load_into(model: LoRACLIPClassifier, models: Models, where: str) -> None:
-    """Give the model an adapter per rank and check that every state fits it (one clear error if not)."""
-    model.add_ranks(models.ranks)
+    """Check that every state fits the model, which has an adapter per rank (one clear error if not)."""
     model.load_base_weights(models.base_weights)
     states = ([(models.global_rank, *models.global_state)] if models.global_state else []) + list(
         models.personal.values()
@@ -229,15 +234,23 @@ class _Conditions:
 
 
 def validate(
-    trainer: FederatedTrainer,
     model: LoRACLIPClassifier,
     datamodule: FederatedDataModule,
+    fabric: Fabric,
+    aggregator: Aggregator,
+    seed: int = 0,
     ckpt_path: str | None = None,
     adapter: str | None = None,
     conditions: Sequence[Condition] | None = None,
     out: str | None = None,
+    callbacks: Sequence[object] = (),
+    runs: tuple[str, str] = ("runs", "fedilora"),
 ) -> dict:
-    """Evaluate a checkpoint or an exported adapter on ``datamodule``; print and return the results."""
+    """Evaluate a checkpoint or an exported adapter on ``datamodule``; print and return the results.
+
+    ``aggregator`` and ``callbacks``: the config's method (checked against the checkpoint's) and
+    callbacks (named in the results); ``seed``: the run's (the same random backbone where ``pretrained``
+    is null); ``runs``: ``(root_dir, name)``, where ``--ckpt_path last`` looks."""
     from fedilora.output import format_results
 
     if (ckpt_path is None) == (adapter is None):
@@ -248,24 +261,21 @@ def validate(
         raise ConfigError(f"--conditions: unknown {unknown[0]!r}; allowed: {', '.join(ALL_CONDITIONS)}")
     if "missing" in chosen and datamodule.test_missing_rate == 0:
         raise ConfigError("--conditions missing: set --data.test_missing_rate above 0 (the rate of that condition)")
-    models = from_checkpoint(trainer, ckpt_path) if ckpt_path is not None else from_adapter(adapter)
-    _check(trainer, model, datamodule, models)
-    fabric = trainer.fabric
-    trainer.launch()
-    fabric.seed_everything(trainer.seed)  # as fit: the same random backbone where pretrained is null
-    datamodule.setup("validate")
-    model.configure_model()
+    models = from_checkpoint(fabric, ckpt_path, runs) if ckpt_path is not None else from_adapter(adapter)
+    _check(aggregator, model, datamodule, models)
+    launch(fabric)
+    build(fabric, seed, model, datamodule, "validate", models.ranks, on_device=False)
     _load_into(model, models, f"--ckpt_path {models.source}" if ckpt_path is not None else f"--adapter {adapter}")
     model.to(fabric.device)
     device = fabric.device
-    to = lambda state: {k: v.to(device) for k, v in state.items()}  # noqa: E731
+    to = lambda state: to_device(state, device)  # noqa: E731
     # personalized models only where this data gives the client a test split
     personal = {
         c: (rank, to(lora), to(extra))
         for c, (rank, lora, extra) in models.personal.items()
         if c < datamodule.num_clients
     }
-    shares = trainer.aggregator.communicates or trainer.aggregator.pooled
+    shares = aggregator.communicates or aggregator.pooled
     if models.global_state is not None and shares:
         global_models = [(models.global_rank, *(to(s) for s in models.global_state))]
     else:  # ``Local`` shares nothing: as in fit, its global figures are the mean over the clients' models
@@ -275,12 +285,12 @@ def validate(
     metrics.update(evaluate_personalized(model, fabric, datamodule, personal))
     if not any(k.startswith("global/") for k in metrics):
         raise ConfigError(
-            f"{models.source}: no global model to evaluate ({type(trainer.aggregator).__name__} keeps only the "
+            f"{models.source}: no global model to evaluate ({method_name(aggregator)} keeps only the "
             "clients' models; give the export root with its clients/, or the checkpoint)"
         )
     results = {
-        "aggregator": type(trainer.aggregator).__name__.removeprefix("LazyInstance_"),
-        "callbacks": [type(c).__name__.removeprefix("LazyInstance_") for c in trainer.callbacks],
+        "aggregator": method_name(aggregator),
+        "callbacks": [method_name(c) for c in callbacks],
         "rounds": models.completed_rounds,
         "num_clients": datamodule.num_clients,
         "ranks": models.client_ranks,

@@ -114,8 +114,8 @@ class UPMCFood101(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
-            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
+            file), ``decode`` (every image decodes; slow) or ``auto`` (``decode`` under
             ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.
@@ -212,8 +212,8 @@ class MMIMDb(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
-            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
+            file), ``decode`` (every image decodes; slow) or ``auto`` (``decode`` under
             ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.
@@ -335,8 +335,8 @@ class HatefulMemes(FileSource):
         on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
             naming the file, the line and the problem; ``skip``: such samples are left out and the
             number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
-            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
+        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
+            file), ``decode`` (every image decodes; slow) or ``auto`` (``decode`` under
             ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
         cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
         max_samples: If set, a seeded random subset of at most this many samples per split.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from torch import Tensor
 
-Task = Literal["multiclass", "multilabel", "binary"]
+from fedilora.types import Task
 
 
 class ImageStore(Protocol):

@@ -35,21 +35,11 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fedilora.aggregation import State, rank_axis
+from fedilora.aggregation import Aggregator, State, rank_axis
+from fedilora.lora_ops import covers, pad_rank
 from fedilora.privacy.accounting import PrivacyAccountant, noise_multiplier_for
 
-
-def pad_to_rank(lora: Mapping[str, Tensor], global_rank: int) -> State:
-    """Zero-pad every ``lora_A`` along rows and every ``lora_B`` along columns to ``global_rank``."""
-    out = {}
-    for key, value in lora.items():
-        axis = rank_axis(key)
-        shape = list(value.shape)
-        shape[axis] = global_rank
-        padded = value.new_zeros(shape)
-        padded.narrow(axis, 0, value.shape[axis]).copy_(value)
-        out[key] = padded
-    return out
+pad_to_rank = pad_rank  # zero-pad every lora_A along rows, every lora_B along columns (fedilora.lora_ops)
 
 
 def delta(new: Mapping[str, Tensor], received: Mapping[str, Tensor]) -> State:
@@ -95,7 +85,7 @@ def add_noise(sums: Mapping[str, Tensor], std: float, generator: torch.Generator
 
 def coverage(ranks: Sequence[int], global_rank: int) -> Tensor:
     """n_i: how many of the clients with ``ranks`` have rank dimension i (``[R]``, float64)."""
-    return (torch.arange(global_rank)[None, :] < torch.as_tensor(ranks)[:, None]).sum(0).to(torch.float64)
+    return covers(ranks, global_rank).sum(0).to(torch.float64)
 
 
 def average_noise_std(counts: Tensor, noise_multiplier: float, clip_norm: float) -> Tensor:
@@ -173,23 +163,12 @@ def released_only(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(RELEASED_PREFIXES)}
 
 
-# Why an aggregator cannot release a client-level DP aggregate (the server refuses it with this reason).
-UNSUPPORTED = {
-    "HetLoRA": "it weights each update by its own ||B_k A_k||, a weight one client controls, so the "
-    "sensitivity of the aggregate is unbounded",
-    "FLoRA": "it stacks every client's factors into the global adapter, releasing each update as it is",
-    "FlexLoRA": "its SVD re-factorisation needs every client's factors and is not a sum of clipped updates",
-    "Local": "nothing is shared, so there is nothing to privatise",
-    "Centralized": "it pools the raw data: there is no client update to privatise",
-}
-
-
 class DifferentialPrivacy:
     """Client-level differential privacy of the released global model (``trainer.privacy`` in YAML).
 
     Works with ``DimensionWise`` (each rank dimension averaged over the clients that have it, noise
     sigma * C / n_i), ``DimensionWiseDelta`` (averaged over all K sampled clients, noise sigma * C / K)
-    and ``FedAvg``; refuses the aggregators of ``UNSUPPORTED`` with the reason.
+    and ``FedAvg``; refuses a method whose ``dp_refusal`` (``fedilora.algorithms.base``) says why not.
 
     Args:
         clip_norm: C, the L2 bound of one client's update (LoRA delta padded to the global rank, and
@@ -262,12 +241,14 @@ class DifferentialPrivacy:
         self.sigma, self.count_sigma, self.sum_multiplier = noise_multiplier or 0.0, count_noise_multiplier, 0.0
         self.accountant: PrivacyAccountant | None = None
 
-    def setup(self, aggregator_name: str, num_clients: int, per_round: int, rounds: int) -> DifferentialPrivacy:
-        """Check the aggregator, derive sigma from the budget if needed, and start the accountant."""
+    def setup(self, aggregator: Aggregator | str, num_clients: int, per_round: int, rounds: int) -> DifferentialPrivacy:
+        """Check the aggregator (or its name), derive sigma from the budget if needed, and start the accountant."""
+        from fedilora.algorithms import refusal
         from fedilora.errors import ConfigError
 
-        if aggregator_name in UNSUPPORTED:
-            raise ConfigError(f"trainer.privacy: not available with {aggregator_name}: {UNSUPPORTED[aggregator_name]}")
+        name, why_not = refusal(aggregator, "dp_refusal")
+        if why_not is not None:
+            raise ConfigError(f"trainer.privacy: not available with {name}: {why_not}")
         sample_rate = per_round / num_clients
         self.sigma = self.noise_multiplier
         if self.sigma is None:

@@ -15,7 +15,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from fedilora.aggregation import Aggregator, ClientUpdate, DimensionAccumulator, State, WeightedSums, rank_axis
+from fedilora.aggregation import Aggregator, ClientUpdate, DimensionAccumulator, State, WeightedSums
+from fedilora.lora_ops import pad_rank
 from fedilora.privacy.dp import DifferentialPrivacy, delta
 from fedilora.privacy.secagg import flatten
 
@@ -72,21 +73,6 @@ def layout(global_lora: Mapping[str, Tensor], global_extra: Mapping[str, Tensor]
     """The layout of a flattened contribution (``secagg.flatten``): what a server that receives only
     masked vectors needs to unflatten their sum."""
     return flatten(zero_contribution(global_lora, global_extra))[1]
-
-
-def pad_rank(lora: Mapping[str, Tensor], rank: int) -> State:
-    """``lora`` zero-padded along every tensor's rank axis to ``rank`` (a payload in the global shapes)."""
-    out = {}
-    for key, value in lora.items():
-        axis = rank_axis(key)
-        shape = list(value.shape)
-        if shape[axis] > rank:
-            raise ValueError(f"{key}: rank {shape[axis]} is above the global rank {rank}")
-        shape[axis] = rank
-        padded = value.new_zeros(shape)
-        padded.narrow(axis, 0, value.shape[axis]).copy_(value)
-        out[key] = padded
-    return out
 
 
 def client_contribution(

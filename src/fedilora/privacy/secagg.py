@@ -27,6 +27,7 @@ secret-sharing, no signatures), and clients that collude with the server against
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from fedilora.algorithms.base import Aggregator
 
 MODULUS_BITS = 62  # sums of two residues stay below 2^63: int64 never overflows
 FRACTION_BITS = 24  # fixed-point resolution 2^-24 ~ 6e-8 per client and coordinate
@@ -151,16 +155,6 @@ def unmask_sum(
     return unflatten(decode(total, fraction_bits), layout)
 
 
-# Why an aggregator cannot run on masked sums (the server refuses it with this reason).
-UNSUPPORTED = {
-    "HetLoRA": "its fallback to uniform weights when every B A is zero needs to see each update",
-    "FLoRA": "the server stacks each client's own factors, so it must see every update",
-    "FlexLoRA": "the server re-factorises the stacked factors of every client, so it must see every update",
-    "Local": "nothing is aggregated",
-    "Centralized": "it pools the raw data instead of aggregating updates",
-}
-
-
 class SecureAggregation:
     """Pairwise-masked sums of the clients' contributions (``trainer.secure_aggregation`` in YAML).
 
@@ -187,13 +181,14 @@ class SecureAggregation:
             )
         self.fraction_bits, self.min_survivors = fraction_bits, min_survivors
 
-    def setup(self, aggregator_name: str, per_round: int | None = None) -> SecureAggregation:
+    def setup(self, aggregator: Aggregator | str, per_round: int | None = None) -> SecureAggregation:
+        """Check the aggregator (or its name): its ``secagg_refusal`` says why it cannot run on masked sums."""
+        from fedilora.algorithms import refusal
         from fedilora.errors import ConfigError
 
-        if aggregator_name in UNSUPPORTED:
-            raise ConfigError(
-                f"trainer.secure_aggregation: not available with {aggregator_name}: {UNSUPPORTED[aggregator_name]}"
-            )
+        name, why_not = refusal(aggregator, "secagg_refusal")
+        if why_not is not None:
+            raise ConfigError(f"trainer.secure_aggregation: not available with {name}: {why_not}")
         if per_round is not None and per_round < self.min_survivors:
             raise ConfigError(
                 f"trainer.clients_per_round: {per_round} client(s) per round is fewer than "
