@@ -31,7 +31,10 @@ def machine() -> dict:
 
 
 def write_results(name: str, payload: dict, quick: bool, threads: int) -> Path:
-    """``results/<name>[_quick][_threadsN].json`` with the machine added; prints and returns the path."""
+    """``results/<name>[_quick][_threadsN].json`` with the machine added; prints and returns the path.
+
+    Full runs are kept in git and rendered into the docs by ``render_results.py``; quick runs are git-ignored.
+    """
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = ("_quick" if quick else "") + ("" if threads == 2 else f"_threads{threads}")
     out = RESULTS / f"{name}{suffix}.json"

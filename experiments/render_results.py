@@ -232,16 +232,16 @@ def render_block(name: str, results: Path = RESULTS) -> str:
     if benchmark not in RENDERERS:
         raise RenderError(f"results:{name}: no renderer for benchmark {benchmark!r} (known: {', '.join(RENDERERS)})")
     path = results / f"{name}.json"
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     if not path.is_file():
-        script = RENDERERS[benchmark][0]
-        raise RenderError(f"results:{name}: {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} does not "
-                          f"exist; run experiments/{script} (full run) first")  # fmt: skip
+        run = f"experiments/{RENDERERS[benchmark][0]}" + (f" --threads {threads}" if threads else "")
+        raise RenderError(f"results:{name}: {shown} does not exist; run {run} (a full run) first")
     try:
         data = json.loads(path.read_text())
         table, notes = RENDERERS[benchmark][1](data)
         machine = _machine(data["machine"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError, ZeroDivisionError) as error:
-        raise RenderError(f"results:{name}: {path} does not hold {benchmark}'s results ({type(error).__name__}: "
+        raise RenderError(f"results:{name}: {shown} does not hold {benchmark}'s results ({type(error).__name__}: "
                           f"{error})") from None  # fmt: skip
     command = _command(benchmark, data, int(threads) if threads else None)
     source = f"`experiments/results/{name}.json`"
