@@ -12,8 +12,9 @@ is epsilon-DP, v is dominated by Binomial(2k, e^eps / (1 + e^eps)) (their Theore
 a sound mechanism's audit exceeds the accountant only with probability <= beta + O(m delta)); the audit's
 epsilon is the largest eps that this rejects at confidence 1 - beta.
 
-Two noise sources, same canaries: the default (``os.urandom``) and ``reproducible_noise``, where the
-auditor, who has the run's config, regenerates the noise from the seed and subtracts it before scoring.
+Two noise sources, same canaries: the default (secure: ChaCha20 keyed from ``os.urandom``) and
+``reproducible_noise``, where the auditor, who has the run's config, regenerates the noise from the
+seed and subtracts it before scoring.
 Pass: the default's audited epsilon <= the accountant's; the reproducible one exceeds it (the leak).
 
     .venv/bin/python experiments/privacy_audit.py            # m = 1000 canaries, sigma 2, 5 trials
@@ -126,7 +127,7 @@ def main() -> None:
         started, runs = time.perf_counter(), []
         for trial in range(args.trials):
             runs.append(one_run(args.canaries, args.dim, args.sigma, args.guesses, reproducible, seed=trial))
-        name = "reproducible_noise (auditor regenerates it)" if reproducible else "default (os.urandom)"
+        name = "reproducible_noise (auditor regenerates it)" if reproducible else "default (secure noise)"
         rows[name] = {
             "audited_epsilon_median": statistics.median(r["epsilon"] for r in runs),
             "audited_epsilon_max": max(r["epsilon"] for r in runs),

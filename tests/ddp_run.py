@@ -6,6 +6,7 @@ runs it in a subprocess: ``python tests/ddp_run.py DEVICES OUT_DIR [NUM_NODES]``
 once per node with ``NODE_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set).
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from safetensors.torch import save_file
 
 from fedilora.editing import ModelEditing
 from fedilora.model import LoRACLIPClassifier
+from fedilora.privacy import DifferentialPrivacy
 from fedilora.trainer import FederatedTrainer
 from helpers import Sabotage, tiny_datamodule
 
@@ -45,6 +47,8 @@ def main(devices: int, out: Path, num_nodes: int = 1) -> None:
         strategy="ddp" if devices * num_nodes > 1 else "auto",
         root_dir=str(out / "runs"),
         progress=False,
+        # DP=1: secure noise, which every process must draw alike (rank 0's key)
+        privacy=DifferentialPrivacy(clip_norm=0.5, noise_multiplier=1.0) if os.environ.get("DP") else None,
     )
     model = LoRACLIPClassifier(num_classes=12)
     evaluated, step = [0], model.validation_step  # samples this process evaluates: the processes share them
@@ -67,6 +71,10 @@ def main(devices: int, out: Path, num_nodes: int = 1) -> None:
         (out / "history.json").write_text(json.dumps(history))
         (out / "world_size.txt").write_text(str(trainer.fabric.world_size))
     (out / f"threads_rank{trainer.fabric.global_rank}.txt").write_text(str(torch.get_num_threads()))
+    hasher = hashlib.sha256()
+    for key, value in sorted({**trainer.global_lora, **trainer.global_extra}.items()):
+        hasher.update(key.encode() + value.detach().cpu().contiguous().numpy().tobytes())
+    (out / f"global_rank{trainer.fabric.global_rank}.sha256").write_text(hasher.hexdigest())
 
 
 if __name__ == "__main__":

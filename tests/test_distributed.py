@@ -23,8 +23,8 @@ EVALUATE = Path(__file__).with_name("ddp_eval.py")
 TASKS = ("multiclass", "binary", "multilabel")
 
 
-def _run(script: Path, devices: int, out: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _run(script: Path, devices: int, out: Path, **extra_env: str) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **extra_env}
     done = subprocess.run([sys.executable, str(script), str(devices), str(out)], env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -99,6 +99,16 @@ def _assert_same_run(single, several) -> None:
 def test_two_cpu_processes_give_the_single_process_result(single_fit, tmp_path):
     _run(FIT, 2, tmp_path)
     _assert_same_run(single_fit, _fit_results(tmp_path, 2))
+
+
+@pytest.mark.slow
+def test_under_dp_every_process_releases_the_same_noised_model(tmp_path):
+    # the noise is secure (not derived from the seed), so the processes must share one source to agree
+    _run(FIT, 2, tmp_path, DP="1")
+    digests = [(tmp_path / f"global_rank{r}.sha256").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    _run(FIT, 1, tmp_path / "again", DP="1")  # and it is not the seed's: another run, another model
+    assert (tmp_path / "again" / "global_rank0.sha256").read_text() != digests[0]
 
 
 @pytest.mark.slow

@@ -96,6 +96,25 @@ def test_two_releases_of_one_config_differ_and_seeded_ones_do_not():
     assert torch.equal(release(reproducible_noise=True), release(reproducible_noise=True))
 
 
+def test_secure_noise_is_shared_by_a_runs_processes_and_its_key_is_never_saved(tmp_path):
+    from fedilora.privacy.dp import SecureNoise
+
+    key = bytes(range(32))
+    # every process of a run draws the same noise from rank 0's key; another key or round, other noise
+    assert torch.equal(secure_normal((1000,), SecureNoise(key, 3)), secure_normal((1000,), SecureNoise(key, 3)))
+    assert not torch.equal(secure_normal((1000,), SecureNoise(key, 3)), secure_normal((1000,), SecureNoise(key, 4)))
+    other = bytes(range(1, 33))
+    assert not torch.equal(secure_normal((1000,), SecureNoise(key, 3)), secure_normal((1000,), SecureNoise(other, 3)))
+    # a run writes its key nowhere: not in its checkpoints, results, config or logs
+    privacy = DifferentialPrivacy(clip_norm=0.5, noise_multiplier=1.0)
+    trainer = FederatedTrainer(rounds=1, clients_per_round=2, ranks=2, max_local_steps=1, progress=False,
+                               privacy=privacy, root_dir=str(tmp_path))  # fmt: skip
+    trainer.fit(LoRACLIPClassifier(num_classes=12), tiny_datamodule(num_clients=2, num_train=40, num_test=24))
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".ckpt" for p in files)
+    assert not any(privacy.noise_key in p.read_bytes() for p in files)
+
+
 def test_secure_noise_is_standard_normal():
     z = secure_normal((200_001,))
     assert z.dtype == torch.float64 and z.shape == (200_001,) and torch.isfinite(z).all()
@@ -235,7 +254,7 @@ def test_a_dp_run_reports_only_released_figures_and_two_runs_differ(tmp_path, ca
                                                  "round/skipped")) for k in h), h.keys()  # fmt: skip
         assert "privacy/not_private" not in h
     assert not results["personalized"] and "edits" not in results
-    assert results["privacy"]["private"] is True and results["privacy"]["noise"] == "secure (os.urandom)"
+    assert results["privacy"]["private"] is True and results["privacy"]["noise"].startswith("secure")
     assert "NOT PRIVATE" not in out and "differential privacy: epsilon" in out
     assert "trainer.update_norm_factor is off under trainer.privacy" in out
     on_disk = json.loads((one.log_dir / "results.json").read_text())

@@ -401,7 +401,7 @@ class FederatedServer:
         totals = {**totals, "lora_weight": coverage(ranks, self.global_rank),
                   "extra_weight": torch.tensor([float(len(ranks))], dtype=torch.float64),
                   "count": torch.tensor([float(len(ranks))], dtype=torch.float64)}  # fmt: skip
-        noise = self.privacy.noise_generator(client_seed(self.seed, round, NOISE_STREAM))
+        noise = self.privacy.noise_generator(client_seed(self.seed, round, NOISE_STREAM), round)
         lora, extra, metrics = release(self.aggregator, self.global_lora, self.global_extra, totals, self.privacy,
                                        noise)  # fmt: skip
         for key, value in {**lora, **extra}.items():  # never a NaN/inf model next to an epsilon

@@ -301,6 +301,8 @@ class FederatedTrainer:
         self.output = RunOutput(fabric.logger, is_writer=fabric.is_global_zero)
         self._fingerprint = self._make_fingerprint(model, datamodule, ranks, global_rank)
         if self.privacy is not None:
+            # one noise for every process: rank 0's secret key (drawn at this start, never saved)
+            self.privacy.noise_key = fabric.broadcast(self.privacy.noise_key, src=0)
             self._say_what_dp_changes()
         start_round = 0
         if ckpt_path is not None:

@@ -20,8 +20,9 @@ What is public and what is released. K and n_i are taken from the round's plan (
 and the clients' ranks are configuration), not from which updates arrived: a client whose update
 fails or is rejected adds a zero delta, so one client still moves S by at most C and the divisors do
 not depend on data. The server makes no other data-dependent decision under DP: the norm-outlier
-rule and the skip rule do not run. The noise comes from the operating system's CSPRNG
-(``os.urandom``, as opacus' ``secure_mode``), so no seed, config or checkpoint can regenerate it;
+rule and the skip rule do not run. The noise comes from a CSPRNG (ChaCha20 keyed by 32 bytes of
+``os.urandom`` drawn at each start and never stored; cf. opacus' ``secure_mode``), so no seed, config
+or checkpoint can regenerate it;
 ``reproducible_noise`` (tests only) draws it from a seeded generator and every report of such a run
 says NOT PRIVATE.
 """
@@ -59,26 +60,46 @@ def clip(states: Sequence[Mapping[str, Tensor]], clip_norm: float) -> tuple[list
     return [{k: v * factor for k, v in s.items()} for s in states], norm
 
 
-def secure_normal(shape: Sequence[int] | torch.Size) -> Tensor:
-    """Standard normal float64 samples from the OS's cryptographically secure generator (``os.urandom``),
-    by Box-Muller over 53-bit uniforms in (0, 1]: nothing that a run stores can reproduce them."""
+class SecureNoise:
+    """A round's cryptographically secure random bits: the ChaCha20 keystream of a 32-byte key drawn from
+    ``os.urandom`` when the run starts (shared by its processes, never written anywhere), with the round
+    as nonce. Every process of a run draws the same noise; nothing a run stores can reproduce it."""
+
+    def __init__(self, key: bytes, round: int) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+        nonce = round.to_bytes(16, "little", signed=True)
+        self._stream = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+
+    def random_bytes(self, n: int) -> bytes:
+        return self._stream.update(bytes(n))
+
+
+def secure_normal(shape: Sequence[int] | torch.Size, source: SecureNoise | None = None) -> Tensor:
+    """Standard normal float64 samples by Box-Muller over 53-bit uniforms in (0, 1], from ``source`` or,
+    without one, from ``os.urandom``."""
     numel = math.prod(shape)
     pairs = (numel + 1) // 2
-    bits = torch.frombuffer(bytearray(os.urandom(16 * pairs)), dtype=torch.int64).view(2, pairs)
+    raw = source.random_bytes(16 * pairs) if source is not None else os.urandom(16 * pairs)
+    bits = torch.frombuffer(bytearray(raw), dtype=torch.int64).view(2, pairs)
     uniform = ((bits >> 11) & ((1 << 53) - 1)).double().add_(1.0).mul_(2.0**-53)  # (0, 1]: log is finite
     radius = (-2.0 * uniform[0].log()).sqrt()
     angle = (2.0 * math.pi) * uniform[1]
     return torch.cat([radius * angle.cos(), radius * angle.sin()])[:numel].reshape(tuple(shape))
 
 
-def standard_normal(shape: Sequence[int] | torch.Size, generator: torch.Generator | None) -> Tensor:
-    """N(0, 1) float64 samples: secure (``generator`` None) or from a seeded generator (tests only)."""
-    if generator is None:
-        return secure_normal(shape)
-    return torch.randn(tuple(shape), generator=generator, dtype=torch.float64)
+NoiseSource = torch.Generator | SecureNoise | None
 
 
-def add_noise(sums: Mapping[str, Tensor], std: float, generator: torch.Generator | None) -> State:
+def standard_normal(shape: Sequence[int] | torch.Size, source: NoiseSource) -> Tensor:
+    """N(0, 1) float64 samples: secure (a ``SecureNoise``, or None: ``os.urandom``) or from a seeded
+    ``torch.Generator`` (``reproducible_noise``, tests only)."""
+    if isinstance(source, torch.Generator):
+        return torch.randn(tuple(shape), generator=source, dtype=torch.float64)
+    return secure_normal(shape, source)
+
+
+def add_noise(sums: Mapping[str, Tensor], std: float, generator: NoiseSource) -> State:
     """``sums`` + N(0, std^2) on every coordinate, drawn on the CPU (``generator``: see ``standard_normal``)."""
     return {k: v + (standard_normal(v.shape, generator) * std).to(v.device, v.dtype) for k, v in sums.items()}
 
@@ -232,6 +253,8 @@ class DifferentialPrivacy:
             raise ConfigError(f"trainer.privacy.accountant: unknown {accountant!r}; allowed: rdp, prv")
         self.reproducible_noise, self.log_client_metrics = bool(reproducible_noise), bool(log_client_metrics)
         self.initial_clip_norm = clip_norm
+        #: the secret of this start's noise (``SecureNoise``); processes of one run share rank 0's
+        self.noise_key = os.urandom(32)
         self.clip_norm, self.noise_multiplier, self.target_epsilon = clip_norm, noise_multiplier, target_epsilon
         self.delta, self.adaptive_clipping, self.target_quantile = delta, adaptive_clipping, target_quantile
         self.clip_learning_rate, self.count_noise_multiplier = clip_learning_rate, count_noise_multiplier
@@ -290,15 +313,17 @@ class DifferentialPrivacy:
         (lora, extra), norm = clip([lora_delta, extra_delta], self.clip_norm)
         return lora, extra, norm <= self.clip_norm
 
-    def noise_generator(self, seed: int) -> torch.Generator | None:
-        """Where a round's noise comes from: None (the OS's CSPRNG), or with ``reproducible_noise`` a
-        generator seeded by ``seed`` (tests only)."""
-        return torch.Generator().manual_seed(seed) if self.reproducible_noise else None
+    def noise_generator(self, seed: int, round: int) -> NoiseSource:
+        """Where a round's noise comes from: ``SecureNoise`` with this run's secret key, or with
+        ``reproducible_noise`` a generator seeded by ``seed`` (tests only)."""
+        if self.reproducible_noise:
+            return torch.Generator().manual_seed(seed)
+        return SecureNoise(self.noise_key, round)
 
-    def noise(self, sums: Mapping[str, Tensor], generator: torch.Generator | None) -> State:
+    def noise(self, sums: Mapping[str, Tensor], generator: NoiseSource) -> State:
         return add_noise(sums, self.sum_multiplier * self.clip_norm, generator)
 
-    def after_round(self, unclipped: float, count: int, generator: torch.Generator | None) -> dict[str, float]:
+    def after_round(self, unclipped: float, count: int, generator: NoiseSource) -> dict[str, float]:
         """Account for one released round and adapt C; returns the round's privacy figures.
 
         ``count``: the round's planned clients (public). The next C is a function of the noised count
@@ -332,7 +357,7 @@ class DifferentialPrivacy:
             "noise_multiplier": float(self.sigma),
             "clip_norm": self.clip_norm,
             "rounds": self.accountant.rounds if self.accountant else 0,
-            "noise": NOT_PRIVATE if self.reproducible_noise else "secure (os.urandom)",
+            "noise": NOT_PRIVATE if self.reproducible_noise else "secure (ChaCha20, key from os.urandom)",
             "private": not self.reproducible_noise,
         }
         return out

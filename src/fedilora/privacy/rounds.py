@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fedilora.aggregation import Aggregator, ClientUpdate, DimensionAccumulator, State, WeightedSums
 from fedilora.lora_ops import pad_rank
-from fedilora.privacy.dp import DifferentialPrivacy, delta
+from fedilora.privacy.dp import DifferentialPrivacy, NoiseSource, delta
 from fedilora.privacy.secagg import flatten
 
 Contribution = dict[str, Tensor]
@@ -119,7 +119,7 @@ def release(
     global_extra: Mapping[str, Tensor],
     totals: Mapping[str, Tensor],
     privacy: DifferentialPrivacy | None,
-    generator: torch.Generator | None,
+    generator: NoiseSource,
 ) -> tuple[State, State, dict[str, float]]:
     """The next global adapter and head from the round's summed contributions, and privacy figures.
 
