@@ -63,8 +63,13 @@ def test_masks_do_not_cancel_without_a_dropped_client_and_do_after_remasking():
 
 
 def test_encoding_refuses_values_beyond_its_range():
-    with pytest.raises(ValueError, match="cannot be encoded"):
+    with pytest.raises(secagg.SumOverflow, match="can leave the fixed-point range"):
         secagg.encode(torch.tensor([2.0 ** (secagg.MODULUS_BITS - secagg.FRACTION_BITS)]))
+    # the bound is the sum's: a value that fits alone is refused when 4 clients could add up past 2^61
+    edge = torch.tensor([2.0 ** (secagg.MODULUS_BITS - 1 - secagg.FRACTION_BITS) / 3])
+    secagg.encode(edge, participants=2)
+    with pytest.raises(secagg.SumOverflow, match="summed over 4 clients"):
+        secagg.encode(edge, participants=4)
     x = torch.tensor([-3.25, 0.0, 1e6])
     assert torch.equal(secagg.decode(secagg.encode(x)), x.double())
 
