@@ -1,4 +1,4 @@
-"""The module structure: every module imports on its own, and no two modules import each other in a cycle."""
+"""The module structure: every module imports on its own, no import cycle, no module over 500 lines."""
 
 from __future__ import annotations
 
@@ -134,3 +134,13 @@ def test_every_module_imports_on_its_own() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == "ok", done.stdout
     assert len(names) > 60
+
+
+MAX_MODULE_LINES = 500  # issue 24: a module over this does several jobs; split it, one module per job
+
+
+def test_no_module_is_over_500_lines() -> None:
+    lengths = {name: len(path.read_text().splitlines()) for name, path in _modules().items()}
+    assert lengths["fedilora.trainer"] > 100, "the line count is broken"  # what the check reads is real code
+    too_long = {name: n for name, n in lengths.items() if n > MAX_MODULE_LINES}
+    assert too_long == {}, f"modules over {MAX_MODULE_LINES} lines: {too_long}"

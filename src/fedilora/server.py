@@ -6,7 +6,8 @@ global adapter truncated to its rank), and turns the uploaded updates into the n
 fault filter, aggregation with any ``Aggregator``, head averaging by sample count. The Fabric engine
 (``fedilora.trainer``) and the Flower apps drive the same object; neither writes round logic of its own.
 
-Fault filter, in order (a rejected update is left out of the aggregation and of the personalized models):
+Fault filter, in order (a rejected update is left out of the aggregation and of the personalized models;
+the rules live in ``fedilora.update_checks``):
 
 1. ``check_update``, per update: NaN/Inf anywhere (LoRA or head), or an L2 distance from what the
    client received above ``max_update_norm`` (off by default).
@@ -41,11 +42,12 @@ from fedilora.privacy.dp import DifferentialPrivacy, coverage, released_only
 from fedilora.privacy.rounds import add_contributions, contribution, release, zero_contribution
 from fedilora.privacy.secagg import SecureAggregation
 from fedilora.types import ClientUpdate, State
+from fedilora.update_checks import MIN_UPDATES_FOR_MEDIAN as MIN_UPDATES_FOR_MEDIAN  # re-exported
+from fedilora.update_checks import check_update, outliers
+from fedilora.update_checks import update_norm as update_norm
 
 NOISE_STREAM = -2  # the "client id" of the server's privacy noise in ``client_seed``
 POOLED = -1  # the client id of ``Centralized``'s single model trained on the union of all clients
-#: the robust norm rule needs this many finite updates in a round for its median to mean something
-MIN_UPDATES_FOR_MEDIAN = 3
 
 
 strategy_name = method_name  # the name this module exported before ``fedilora.algorithms``
@@ -124,53 +126,6 @@ def check_federation(
             f"trainer.min_clients_per_round: {min_clients_per_round} is more than the {per_round} clients "
             "sampled per round: every round would be skipped"
         )
-
-
-# ---------------------------------------------------------------------------------------- fault filter
-def update_norm(update: ClientUpdate, lora: Mapping[str, Tensor], extra: Mapping[str, Tensor]) -> float:
-    """L2 distance of the update (LoRA and head together) from what the client received (float64)."""
-    squared = torch.zeros((), dtype=torch.float64)
-    for new, old in ((update.lora, lora), (update.extra, extra)):
-        for key, value in new.items():
-            squared += (value.double() - old[key].double().to(value.device)).square().sum().cpu()
-    return float(squared.sqrt())
-
-
-def check_update(
-    update: ClientUpdate,
-    lora: Mapping[str, Tensor],
-    extra: Mapping[str, Tensor],
-    max_update_norm: float | None = None,
-) -> str | None:
-    """Why ``update`` must not be aggregated (non-finite values, or too large a change), or None.
-
-    ``lora``/``extra`` are what the client received. Sets ``update.metrics["update_norm"]``, which the
-    round's outlier rule (``outliers``) reads.
-    """
-    for state in (update.lora, update.extra):
-        for key, value in state.items():
-            if not torch.isfinite(value).all():
-                return f"non-finite values in {key}"
-    norm = update_norm(update, lora, extra)
-    update.metrics["update_norm"] = norm
-    if max_update_norm is not None and norm > max_update_norm:
-        return f"update norm {norm:.4g} exceeds trainer.max_update_norm={max_update_norm}"
-    return None
-
-
-def outliers(norms: Sequence[float], factor: float | None) -> tuple[list[int], float]:
-    """Positions of the norms above ``factor`` x their median, and the largest norm / median ratio.
-
-    Needs ``MIN_UPDATES_FOR_MEDIAN`` norms and a positive median; otherwise nothing is an outlier and
-    the ratio is NaN. ``factor`` None computes the ratio but rejects nothing.
-    """
-    if len(norms) < MIN_UPDATES_FOR_MEDIAN:
-        return [], math.nan
-    median = statistics.median(norms)
-    if not median > 0:
-        return [], math.nan
-    far = [i for i, n in enumerate(norms) if factor is not None and n > factor * median]
-    return far, max(norms) / median
 
 
 # --------------------------------------------------------------------------------------- the round step

@@ -10,43 +10,33 @@ and extension points fired with ``fabric.call`` (see ``fedilora.callbacks``).
 
 from __future__ import annotations
 
-import random
-import signal
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import lazy_instance
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import TensorBoardLogger
-from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from fedilora.algorithms.base import Aggregator
 from fedilora.algorithms.dimension_wise import DimensionWise
 from fedilora.callbacks import FederatedCallback
-from fedilora.checkpoint import (
-    Stopped,
-    check_resumable,
-    checkpoint_path,
-    find_last,
-    load_checkpoint,
-    make_fingerprint,
-    remove_stale_temporaries,
-    stop_at_a_safe_point,
-)
+from fedilora.checkpoint import make_fingerprint, remove_stale_temporaries, stop_at_a_safe_point
 from fedilora.client import Interrupted, fit_client
 from fedilora.data.datamodule import Condition, FederatedDataModule
 from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, evaluate_personalized
+from fedilora.gather import gather_round
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.output import RunOutput, majority_warning, run_results
-from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore, Snapshot
+from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.privacy.dp import released_only
+from fedilora.privacy.notes import say_what_dp_changes
+from fedilora.progress import RoundBar
+from fedilora.run_state import restore_run_state, run_state, save_run_state, stop_with_checkpoint
 from fedilora.runtime import build, launch
 from fedilora.server import (
     POOLED,
@@ -59,6 +49,7 @@ from fedilora.server import (
     run_problem,
     strategy_name,
 )
+from fedilora.trainer_options import check_trainer_options
 from fedilora.types import ClientUpdate
 
 
@@ -129,50 +120,7 @@ class FederatedTrainer:
         personal_memory_mb: float | None = DEFAULT_MEMORY_MB,
     ) -> None:
         self.init_args = {k: v for k, v in locals().items() if k != "self"}  # fingerprinted in checkpoints
-        for option, value, low in (
-            ("rounds", rounds, 1),
-            ("local_epochs", local_epochs, 1),
-            ("eval_every", eval_every, 1),
-        ):
-            if value < low:
-                raise ConfigError(f"trainer.{option}: must be >= {low}, got {value}")
-        if max_local_steps is not None and max_local_steps < 1:
-            raise ConfigError(f"trainer.max_local_steps: must be >= 1 or null, got {max_local_steps}")
-        rank_list = [ranks] if isinstance(ranks, int) else list(ranks)
-        if not rank_list or any(not isinstance(r, int) or r <= 0 for r in rank_list):
-            raise ConfigError(f"trainer.ranks: every LoRA rank must be a positive integer, got {ranks}")
-        if global_lora_rank is not None and global_lora_rank < max(rank_list):
-            raise ConfigError(
-                f"trainer.global_lora_rank: {global_lora_rank} is smaller than the largest client rank {max(rank_list)}"
-            )
-        if isinstance(clients_per_round, float) and not 0.0 < clients_per_round <= 1.0:
-            raise ConfigError(f"trainer.clients_per_round: a fraction must be in (0, 1], got {clients_per_round}")
-        if isinstance(clients_per_round, int) and clients_per_round < 1:
-            raise ConfigError(f"trainer.clients_per_round: must be >= 1, got {clients_per_round}")
-        if min_clients_per_round < 1:
-            raise ConfigError(f"trainer.min_clients_per_round: must be >= 1, got {min_clients_per_round}")
-        if max_update_norm is not None and not max_update_norm > 0:
-            raise ConfigError(f"trainer.max_update_norm: must be > 0 or null, got {max_update_norm}")
-        if update_norm_factor is not None and not update_norm_factor > 1:
-            raise ConfigError(f"trainer.update_norm_factor: must be > 1 or null (off), got {update_norm_factor}")
-        if checkpoint_every is not None and checkpoint_every < 1:
-            raise ConfigError(f"trainer.checkpoint_every: must be >= 1 or null, got {checkpoint_every}")
-        if keep_last < 1:
-            raise ConfigError(f"trainer.keep_last: must be >= 1, got {keep_last}")
-        if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:  # the run folder stays in root_dir
-            raise ConfigError(
-                "trainer.name: a run name is one folder name inside trainer.root_dir (no '/', '\\' or '..'), "
-                f"got {name!r}"
-            )
-        if isinstance(seed, bool) or not min_seed_value <= seed <= max_seed_value:
-            raise ConfigError(
-                f"trainer.seed: must be an integer in [{min_seed_value}, {max_seed_value}] (what Lightning's "
-                f"seed_everything accepts), got {seed}"
-            )
-        if personal_memory_mb is not None and not personal_memory_mb >= 0:
-            raise ConfigError(f"trainer.personal_memory_mb: must be >= 0 or null (no limit), got {personal_memory_mb}")
-        if not isinstance(aggregator, Aggregator):
-            raise ConfigError(f"trainer.aggregator: {aggregator!r} is not a fedilora.algorithms.Aggregator")
+        check_trainer_options(self.init_args)
         self.rounds, self.clients_per_round, self.ranks = rounds, clients_per_round, ranks
         self.global_lora_rank = global_lora_rank
         self.local_epochs, self.max_local_steps = local_epochs, max_local_steps
@@ -206,7 +154,7 @@ class FederatedTrainer:
         self.history: list[dict[str, float]] = []
         self.server: FederatedServer | None = None  # built by fit/export, once the clients are known
         self.output = RunOutput(logger)
-        self._bar = None
+        self._bar: RoundBar | None = None
 
     # ------------------------------------------------------------- the federation's state (the server's)
     @property
@@ -303,7 +251,7 @@ class FederatedTrainer:
         if self.privacy is not None:
             # one noise for every process: rank 0's secret key (drawn at this start, never saved)
             self.privacy.noise_key = fabric.broadcast(self.privacy.noise_key, src=0)
-            self._say_what_dp_changes()
+            say_what_dp_changes(self.privacy, self.update_norm_factor, fabric.print)
         start_round = 0
         if ckpt_path is not None:
             start_round = self._restore(model, ckpt_path)
@@ -311,16 +259,10 @@ class FederatedTrainer:
         fabric.call("on_fit_start", trainer=self)
 
         start = time.perf_counter()
-        self._bar = tqdm(
-            total=self.rounds,
-            initial=start_round,
-            desc="round",
-            dynamic_ncols=True,
-            disable=not (self.progress and fabric.is_global_zero),
-        )
-        self._bar_loss = ""
+        self._bar = RoundBar(self.rounds, start_round, self.progress and fabric.is_global_zero)
         self._snapshot = self._state(model, start_round) if start_round else None
-        with self._sigint_stops_at_a_safe_point():
+        # Ctrl-C and SIGTERM set a flag that the loop checks between optimizer steps; a second one stops at once
+        with stop_at_a_safe_point(self):
             try:
                 for round_ in range(start_round, self.rounds):
                     if self.privacy is not None and (spent := self.privacy.budget_problem()) is not None:
@@ -335,9 +277,7 @@ class FederatedTrainer:
                     if self.server.released_only:  # under DP: what the accountant covers, or public figures
                         metrics = released_only(metrics)
                     self.output.log_metrics(metrics, round_)
-                    if "train/loss" in metrics:  # in the bar: the round's mean training loss over its clients
-                        self._bar_loss = f" | train loss {metrics['train/loss']:.4g} (round {round_ + 1})"
-                        self._bar.set_postfix_str(self._bar_loss[3:], refresh=False)
+                    self._bar.round_done(round_, metrics)
                     self.history.append({"round": round_, **metrics})
                     self._snapshot = self._state(model, round_ + 1)
                     if round_ + 1 == self.rounds or (
@@ -347,10 +287,10 @@ class FederatedTrainer:
                     # older snapshots are gone: files of replaced states that no kept checkpoint names can go
                     kept = (self.log_dir / "checkpoints").glob("round-*.ckpt")
                     self.server.personal.collect(str(p) for p in kept)
-                    self._bar.update(1)
+                    self._bar.update()
             except (KeyboardInterrupt, Interrupted):
                 self._bar.close()
-                self._stop_with_checkpoint()
+                stop_with_checkpoint(self)
         self._bar.close()
         datamodule.teardown("fit")  # stops the DataLoader workers (as lightning.Trainer does at its end)
         problem = run_problem([bool(h.get("round/skipped")) for h in self.history], self.rounds)
@@ -445,21 +385,6 @@ class FederatedTrainer:
                         adapter=adapter, conditions=conditions, out=out, callbacks=self.callbacks,
                         runs=(self.root_dir, self.name))  # fmt: skip
 
-    def _say_what_dp_changes(self) -> None:
-        privacy, print_ = self.privacy, self.fabric.print
-        if privacy.reproducible_noise:
-            print_("WARNING: trainer.privacy.reproducible_noise: the noise is drawn from the run's seed and can be "
-                   "regenerated from its config: NOT PRIVATE (for tests only)")  # fmt: skip
-        if self.update_norm_factor is not None:
-            print_("note: trainer.update_norm_factor is off under trainer.privacy (its median would let one "
-                   "client decide whether others count); clipping bounds every update instead")  # fmt: skip
-        if privacy.log_client_metrics:
-            print_("WARNING: trainer.privacy.log_client_metrics: per-client figures (train loss, rejected clients, "
-                   "personalized metrics, edits) are logged and printed; epsilon does not cover them")  # fmt: skip
-        else:
-            print_("note: under trainer.privacy only released figures are reported (global metrics, privacy/*); "
-                   "per-client ones need trainer.privacy.log_client_metrics: true (epsilon does not cover them)")
-
     # ------------------------------------------------------------------------ checkpoints
     def _make_fingerprint(self, model, datamodule, ranks: list[int], global_rank: int) -> dict:
         """What a checkpoint must agree on with the config resuming from it (see ``fedilora.checkpoint``)."""
@@ -467,54 +392,14 @@ class FederatedTrainer:
                                 self.global_extra)  # fmt: skip
 
     def _state(self, model: LoRACLIPClassifier, completed_rounds: int) -> dict:
-        """Everything needed to continue after ``completed_rounds`` rounds (references, not copies:
-        the round loop replaces these tensors rather than changing them in place)."""
-        return {
-            "completed_rounds": completed_rounds,
-            **self.server.state_dict(),
-            "base_weights": {m: model.base_weight(m).detach().clone() for m in self.server.merged_modules()},
-            "history": list(self.history),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "fingerprint": self._fingerprint,
-            "config": self.config_yaml or "",
-        }
+        return run_state(self, model, completed_rounds)
 
     def save_checkpoint(self, state: dict) -> Path:
-        """Personalized states in RAM go into the checkpoint; spilled ones by file name (see ``fedilora.personal``)."""
-        snapshot: Snapshot = state["personal"]
-        folder = checkpoint_path(self.log_dir, state["completed_rounds"]).parent
-        path = self.output.save_checkpoint(self.fabric, {**state, "personal": snapshot.to_checkpoint(folder)},
-                                           self.keep_last)  # fmt: skip
-        self.server.personal.pin(str(path), snapshot)
-        return path
+        """Write ``state`` (a ``_state``) as the checkpoint of its round (see ``fedilora.run_state``)."""
+        return save_run_state(self, state)
 
     def _restore(self, model: LoRACLIPClassifier, ckpt_path: str) -> int:
-        path = find_last(self.root_dir, self.name) if ckpt_path == "last" else Path(ckpt_path)
-        state = load_checkpoint(self.fabric, path)
-        check_resumable(path, state, self._fingerprint, self.rounds)
-        self.server.load_state_dict(state, self.fabric.device, path.parent)
-        model.load_base_weights(state["base_weights"])
-        self.history = list(state["history"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        self.fabric.print(f"resumed from {path} after {state['completed_rounds']} round(s)")
-        return state["completed_rounds"]
-
-    def _stop_with_checkpoint(self) -> None:
-        """Ctrl-C: keep the last completed round and say how to go on."""
-        if self._snapshot is None:
-            self.fabric.print("interrupted before the first round completed; nothing to save")
-            raise Stopped(self._interrupted or signal.SIGINT)
-        path = self.save_checkpoint(self._snapshot)
-        self.fabric.print(
-            f"interrupted: saved round {self._snapshot['completed_rounds']} to {path}\n"
-            f"resume with the same command plus --ckpt_path {path} (or --ckpt_path last)"
-        )
-        raise Stopped(self._interrupted or signal.SIGINT)
-
-    def _sigint_stops_at_a_safe_point(self):
-        """Ctrl-C and SIGTERM set a flag that the loop checks between optimizer steps; a second one stops at once."""
-        return stop_at_a_safe_point(self)
+        return restore_run_state(self, model, ckpt_path)
 
     # ------------------------------------------------------------------------------ one round
     def _call(self, hook: str, **kwargs: Any) -> None:
@@ -543,7 +428,7 @@ class FederatedTrainer:
             else:
                 failures.append((client, problem))
         if fabric.world_size > 1:
-            updates, failures, downloaded, fatal = self._gather(updates, failures, downloaded, fatal, plan)
+            updates, failures, downloaded, fatal = gather_round(fabric, updates, failures, downloaded, fatal, plan)
         if fatal is not None:
             raise ConfigError(fatal)
         result: RoundResult = server.aggregate(round_, updates, failures)
@@ -553,31 +438,6 @@ class FederatedTrainer:
             model.merge_into_base(result.base_delta)
         self._call("on_aggregate_end", round=round_, global_lora=server.global_lora, updates=result.updates)
         return result.metrics(self.aggregator.communicates, downloaded, time.perf_counter() - started)
-
-    def _gather(
-        self,
-        updates: list[ClientUpdate],
-        failures: list[tuple[int, str]],
-        downloaded: int,
-        fatal: str | None,
-        plan: list[tuple[int, int]],
-    ) -> tuple[list[ClientUpdate], list[tuple[int, str]], int, str | None]:
-        """Every process receives every update, in plan order, so all compute the same aggregate (and
-        all stop on a data error met by any of them)."""
-        import torch.distributed as dist
-
-        local = ([_to_cpu(u) for u in updates], failures, downloaded, fatal)
-        gathered: list = [None] * self.fabric.world_size
-        dist.all_gather_object(gathered, local)
-        order = {client: i for i, (client, _) in enumerate(plan)}
-        all_updates = sorted((u for part, _, _, _ in gathered for u in part), key=lambda u: order[u.client_id])
-        all_failures = sorted((f for _, part, _, _ in gathered for f in part), key=lambda f: order[f[0]])
-        device = self.fabric.device
-        for update in all_updates:
-            update.lora = {k: v.to(device) for k, v in update.lora.items()}
-            update.extra = {k: v.to(device) for k, v in update.extra.items()}
-        fatal = next((error for *_, error in gathered if error is not None), None)
-        return all_updates, all_failures, sum(count for _, _, count, _ in gathered), fatal
 
     def train_client(
         self,
@@ -626,16 +486,8 @@ class FederatedTrainer:
 
     # ----------------------------------------------------------------------------- output
     def _show(self, round_: int, client: int, rank: int, step: int, total: int) -> None:
-        if self._bar is None or self._bar.disable:
-            return
-        self._bar.set_postfix_str(
-            f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}{self._bar_loss}",
-            refresh=False,
-        )
-        now = time.monotonic()
-        if now - getattr(self, "_last_refresh", 0.0) > 0.5:
-            self._bar.refresh()
-            self._last_refresh = now
+        if self._bar is not None:
+            self._bar.show(round_, client, rank, step, total)
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
         """``step``: the ``round`` (from 0) a hook received; TensorBoard shows it as round ``step + 1``."""
@@ -646,8 +498,3 @@ class FederatedTrainer:
         if not self.server.released_only:
             self.output.log_text(tag, text, step)
 
-
-def _to_cpu(update: ClientUpdate) -> ClientUpdate:
-    update.lora = {k: v.cpu() for k, v in update.lora.items()}
-    update.extra = {k: v.cpu() for k, v in update.extra.items()}
-    return update

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable
 from typing import Literal
 
 import lightning as L
@@ -11,15 +11,19 @@ import open_clip
 import torch
 from jsonargparse import lazy_instance
 from torch import Tensor
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
 
 from fedilora.backbone import TINY_MODEL, register_model_configs
 from fedilora.data.duplicates import count_copies
 from fedilora.data.errors import DataError
+from fedilora.data.loaders import Batches, PoolLoader, WorkerPool
 from fedilora.data.missing import MissingKind, missing_masks
 from fedilora.data.partition import dirichlet_partition, iid_partition, split_client
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.data.synthetic import SyntheticBenchmark
+from fedilora.data.tokens import CHARS_PER_TOKEN as CHARS_PER_TOKEN  # re-exported: imported from here
+from fedilora.data.tokens import tokenize_texts
+from fedilora.data.tokens import tokenizer_input as tokenizer_input
 from fedilora.errors import ConfigError
 
 log = logging.getLogger("fedilora.data")
@@ -27,200 +31,6 @@ log = logging.getLogger("fedilora.data")
 Split = Literal["train", "val", "test"]
 Condition = Literal["complete", "image_only", "text_only", "missing"]
 CONDITIONS: tuple[Condition, ...] = ("complete", "image_only", "text_only")
-
-# A CLIP BPE token spans at most 32 characters (the longest vocabulary entry), and words are one
-# space apart once whitespace is collapsed, so a text's first ``context_length`` tokens lie within
-# its first 33 * context_length characters; 64 leaves room for a cut at a space (see below).
-CHARS_PER_TOKEN = 64
-
-
-def tokenizer_input(text: str, max_chars: int) -> str:
-    """``text`` cut to at most ``max_chars`` characters for a tokenizer that keeps only its first tokens.
-
-    The tokenizer truncates a long text to its context length anyway, but tokenizes all of it first,
-    and open_clip's BPE takes time quadratic in a word's length (a 32 kB word without spaces: 23 s of
-    CPU here).
-    Whitespace runs are collapsed (as the tokenizers do) and the cut falls on a space when one lies in
-    the last quarter of the kept span, so a text with ordinary spacing keeps every token the tokenizer
-    would keep; a "word" longer than that (a base64 blob, say) is cut inside the word.
-    """
-    if len(text) <= max_chars:
-        return text
-    words = " ".join(text.split())
-    if len(words) <= max_chars:
-        return words
-    space = words.rfind(" ", max_chars - max_chars // 4, max_chars + 1)
-    return words[:space] if space > 0 else words[:max_chars]
-
-
-def tokenize_texts(tokenize: Callable[[list[str]], Tensor], texts: Sequence[str]) -> Tensor:
-    """Token ids of ``texts``, each cut first to what the tokenizer's context can hold (``tokenizer_input``)."""
-    max_chars = CHARS_PER_TOKEN * int(getattr(tokenize, "context_length", None) or 77)
-    return tokenize([tokenizer_input(t, max_chars) for t in texts])
-
-
-class _Batches(Dataset):
-    """Whole batches indexed at once (the sampler yields index lists), so a batch costs one gather
-    per field rather than a Python collate over samples.
-
-    Images held in a tensor are gathered as they are. Images from an ``ImageStore`` (decoded from
-    files) are decoded only for the samples whose image is present: the model never looks at the
-    pixels of a missing image (``zero`` multiplies them by 0, ``learned`` replaces the embedding), so
-    those stay zero and cost no decoding.
-
-    An image that fails to decode raises a ``DataError`` naming the sample's file and line and
-    ``context`` (which client split or test set read it).
-    """
-
-    def __init__(
-        self,
-        data: MultimodalData,
-        tokens: Tensor,
-        index: Tensor,
-        image_present: Tensor,
-        text_present: Tensor,
-        context: str = "",
-    ):
-        self.data, self.tokens, self.index = data, tokens, index
-        self.image_present, self.text_present = image_present, text_present
-        self.context = context
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, positions: list[int]) -> dict[str, Tensor]:
-        positions = torch.as_tensor(positions, dtype=torch.long)
-        rows = self.index[positions]
-        image_present = self.image_present[positions]
-        return {
-            "image": self._images(rows, image_present),
-            "tokens": self.tokens[rows],
-            "label": self.data.labels[rows],
-            "image_present": image_present,
-            "text_present": self.text_present[positions],
-        }
-
-    def _images(self, rows: Tensor, present: Tensor) -> Tensor:
-        images = self.data.images
-        if isinstance(images, Tensor):
-            return images[rows]
-        try:
-            decoded = images[rows if bool(present.all()) else rows[present]]
-        except DataError as err:
-            raise DataError(f"{self.context}: {err}" if self.context else str(err)) from None
-        if bool(present.all()):
-            return decoded
-        out = decoded.new_zeros((len(rows), *decoded.shape[1:]))
-        out[present] = decoded
-        return out
-
-
-class _Views(Dataset):
-    """Every ``_Batches`` view of a datamodule in one dataset, read as ``views[(view, positions)]``: the one
-    dataset that a shared pool of DataLoader workers holds (each worker copies it when it starts)."""
-
-    def __init__(self, views: dict[Hashable, _Batches]):
-        self.views = views
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.views.values())
-
-    def __getitem__(self, key: tuple[Hashable, list[int]]) -> dict[str, Tensor]:
-        view, positions = key
-        return self.views[view][positions]
-
-
-class _Plan(Sampler):
-    """The sampler of the shared pool: the ``(view, positions)`` batches of the view being read now."""
-
-    def __init__(self) -> None:
-        self.view: Hashable = None
-        self.batches: BatchSampler | list = []
-
-    def __iter__(self) -> Iterator[tuple[Hashable, list[int]]]:
-        for positions in self.batches:
-            yield self.view, positions
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class WorkerPool:
-    """``num_workers`` DataLoader worker processes that decode the batches of every view of one datamodule
-    (every client's splits, the pooled splits, the global test set) and live as long as the pool.
-
-    Why one pool shared by all views rather than one persistent DataLoader per client: a round trains a
-    handful of clients out of possibly thousands, so per-client loaders would either hold
-    ``num_clients * num_workers`` processes or, behind an LRU, miss on almost every client and re-spawn
-    anyway. One pool costs ``num_workers`` processes whatever the number of clients, is started once per
-    run, and its workers' image caches (``ImageFiles``) serve every client.
-
-    Reads happen one at a time (the main process trains or evaluates one view at a time); a read started
-    while another is unfinished ends the unfinished one: reading it further raises ``RuntimeError``.
-    Shuffling stays in the main process (the sampler runs there, with the caller's generator), so the
-    batches are those of ``num_workers: 0`` whatever the workers.
-
-    The workers copy the data when they start (at the first read): data changed in the main process after
-    that is not seen by them.
-    """
-
-    def __init__(self, views: dict[Hashable, _Batches], num_workers: int) -> None:
-        self.views = views
-        self.plan = _Plan()
-        self.loader = DataLoader(
-            _Views(views), sampler=self.plan, batch_size=None, num_workers=num_workers, persistent_workers=True
-        )
-        self.reads = 0  # reads started; counts the resets of the workers' iterator (the benchmark reports it)
-        self.starts = 0  # times the worker processes were started
-
-    def read(self, view: Hashable, batches: BatchSampler) -> Iterator[dict[str, Tensor]]:
-        self.reads += 1
-        token = self.reads
-        self.plan.view, self.plan.batches = view, batches
-        if self.loader._iterator is None:
-            self.starts += 1
-        else:
-            # A fresh DataLoader iterator draws its workers' base seed from the global RNG; a persistent one
-            # draws it only when it starts. Draw it here too, so that the global RNG (dropout, ...) is where
-            # a run with num_workers: 0 leaves it and results do not depend on the workers.
-            torch.empty((), dtype=torch.int64).random_()
-        iterator = iter(self.loader)  # starts the workers, or resets them (drops what they prefetched)
-        return self._batches(iterator, token)
-
-    def _batches(self, iterator: Iterator, token: int) -> Iterator[dict[str, Tensor]]:
-        while True:
-            if self.reads != token:
-                raise RuntimeError(
-                    "two reads of the datamodule's DataLoader workers interleave: another loader was started "
-                    "before this one was read to its end; read the loaders one after the other"
-                )
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            yield batch
-
-    def close(self) -> None:
-        """Stop the worker processes (they also stop with the pool or the main process)."""
-        iterator = self.loader._iterator
-        if iterator is not None:
-            iterator._shutdown_workers()
-            self.loader._iterator = None
-
-
-class PoolLoader:
-    """One view's batches read through the datamodule's ``WorkerPool``: what the datamodule's loaders are
-    when ``num_workers > 0``. Sized and iterable like a DataLoader; each ``iter()`` is one pass."""
-
-    def __init__(self, pool: WorkerPool, view: Hashable, batches: BatchSampler | list[list[int]]) -> None:
-        self.pool, self.view, self.batches = pool, view, batches
-        self.dataset = pool.views[view]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return self.pool.read(self.view, self.batches)
 
 
 class FederatedDataModule(L.LightningDataModule):
@@ -476,12 +286,12 @@ class FederatedDataModule(L.LightningDataModule):
     def conditions(self) -> tuple[Condition, ...]:
         return (*CONDITIONS, "missing") if self.test_missing_rate > 0 else CONDITIONS
 
-    def _view(self, view: Hashable) -> _Batches:
-        """The ``_Batches`` of ``("client", k, split)``, ``("global_test", condition)`` or ``("pooled", split)``."""
+    def _view(self, view: Hashable) -> Batches:
+        """The ``Batches`` of ``("client", k, split)``, ``("global_test", condition)`` or ``("pooled", split)``."""
         if view[0] == "client":
             _, client, split = view
             index, image_present, text_present = self.clients[client][split]
-            return _Batches(
+            return Batches(
                 self.pool, self.pool_tokens, index, image_present, text_present, f"client {client}'s {split} split"
             )
         if view[0] == "global_test":
@@ -492,12 +302,12 @@ class FederatedDataModule(L.LightningDataModule):
             else:
                 image_present = torch.full((n,), condition != "text_only")
                 text_present = torch.full((n,), condition != "image_only")
-            return _Batches(
+            return Batches(
                 self.test, self.test_tokens, torch.arange(n), image_present, text_present, "the global test set"
             )
         return self._pooled(view[1])
 
-    def _every_view(self) -> dict[Hashable, _Batches]:
+    def _every_view(self) -> dict[Hashable, Batches]:
         views: list[Hashable] = [("client", k, s) for k in range(self.num_clients) for s in ("train", "val", "test")]
         views += [("global_test", c) for c in (*CONDITIONS, "missing")] + [
             ("pooled", s) for s in ("train", "val", "test")
@@ -505,7 +315,7 @@ class FederatedDataModule(L.LightningDataModule):
         return {view: self._view(view) for view in views}
 
     def _batches(
-        self, dataset: _Batches, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+        self, dataset: Batches, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
     ) -> BatchSampler | list[list[int]]:
         if split == "train":
             return BatchSampler(RandomSampler(dataset, generator=generator), self.batch_size, drop_last=False)
@@ -527,7 +337,7 @@ class FederatedDataModule(L.LightningDataModule):
         return PoolLoader(self._pool, view, self._batches(self._pool.views[view], split, generator, shard))
 
     def _dataloader(
-        self, dataset: _Batches, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
+        self, dataset: Batches, split: Split, generator: torch.Generator | None, shard: tuple[int, int] = (0, 1)
     ) -> DataLoader:
         """A DataLoader of its own (workers started per pass), for ``lightning.Trainer``'s hooks."""
         sampler = self._batches(dataset, split, generator, shard)
@@ -542,10 +352,10 @@ class FederatedDataModule(L.LightningDataModule):
     def __getstate__(self) -> dict:  # worker processes do not pickle; a copy starts its own
         return {**self.__dict__, "_pool": None}
 
-    def _pooled(self, split: Split) -> _Batches:
+    def _pooled(self, split: Split) -> Batches:
         parts = [self.clients[k][split] for k in range(self.num_clients)]
         index, image_present, text_present = (torch.cat(p) for p in zip(*parts, strict=True))
-        return _Batches(self.pool, self.pool_tokens, index, image_present, text_present, f"the pooled {split} split")
+        return Batches(self.pool, self.pool_tokens, index, image_present, text_present, f"the pooled {split} split")
 
     # --------------------------------------------- pooled views (centralized training, lightning.Trainer)
     def pooled_dataloader(self, split: Split, generator: torch.Generator | None = None) -> DataLoader | PoolLoader:
