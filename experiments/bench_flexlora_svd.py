@@ -2,7 +2,7 @@
 
 For one module, 10 clients with ranks ``[32, 32, 16, 16, 8, 8, 4, 4, 4, 4]`` (sum m = 128) give
 dW = sum_k p_k B_k A_k = Bs As with Bs ``[d_out, m]``, As ``[m, d_in]`` (the square roots of the weights
-split over both factors, as ``fedilora.baselines.flexlora_svd`` does). Both routes start from the same
+split over both factors, as ``fedilora.algorithms.flexlora`` does). Both routes start from the same
 Bs, As (stacking is common to both and not timed) and return the rank-32 factors (B_32, A_32):
 
 - QR route (what FlexLoRA runs, "QR s" below): ``low_rank_svd(Bs, As)`` + ``truncated_factors(..., 32)``,
@@ -27,7 +27,7 @@ import time
 import torch
 
 from _bench import write_results
-from fedilora.baselines import dense_truncated_factors, low_rank_svd, truncated_factors
+from fedilora.algorithms.flexlora import dense_truncated_factors, low_rank_svd, truncated_factors
 
 RANKS = [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
 # the QR route must win; 1.0 is the break-even, products must agree to float32 accuracy

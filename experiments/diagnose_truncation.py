@@ -23,8 +23,8 @@ import yaml
 
 import fedilora  # noqa: F401  (the torchvision shim first)
 from fedilora.aggregation import truncate
-from fedilora.baselines import module_keys
 from fedilora.cli import FediLoRACLI
+from fedilora.lora_ops import module_keys
 
 
 def block_norms(lora: dict, scale: float, edges: list[int]) -> dict[str, list[float]]:

@@ -33,7 +33,7 @@ import torch
 
 from _bench import write_results
 from fedilora.aggregation import ClientUpdate
-from fedilora.coverage import DimensionWiseDelta
+from fedilora.algorithms import DimensionWiseDelta
 from fedilora.privacy import DifferentialPrivacy
 from fedilora.privacy.accounting import PrivacyAccountant
 from fedilora.server import NOISE_STREAM, FederatedServer, check_update, client_seed

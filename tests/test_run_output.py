@@ -120,4 +120,4 @@ def test_own_data_config_runs_and_prints_classes_and_the_warning(tmp_path, capsy
     assert "is not above 1.0000, the share of the majority class 'blue'" in out
     config = yaml.safe_load((tmp_path / "own_data" / "version_0" / "config.yaml").read_text())
     assert config["model"]["model_name"] == "fedilora-tiny" and config["trainer"]["aggregator"]["class_path"] \
-        == "fedilora.coverage.DimensionWiseDelta"  # the default method (configs/fedilora.yaml) and the tiny model
+        == "fedilora.algorithms.DimensionWiseDelta"  # the default method (configs/fedilora.yaml) and the tiny model
