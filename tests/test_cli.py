@@ -27,7 +27,7 @@ def test_print_config_resolves_overrides(capsys):
     assert config["trainer"]["rounds"] == 3
     assert config["data"]["missing_rate"] == 0.7
     assert config["trainer"]["ranks"] == [32, 32, 16, 16, 8, 8, 4, 4, 4, 4]
-    assert config["trainer"]["callbacks"][0]["class_path"] == "fedilora.editing.ModelEditing"
+    assert config["trainer"]["callbacks"][0]["class_path"] == "fedilora.algorithms.ModelEditing"
     assert config["model"]["model_name"] == "fedilora-tiny"
 
 
