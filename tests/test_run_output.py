@@ -121,3 +121,20 @@ def test_own_data_config_runs_and_prints_classes_and_the_warning(tmp_path, capsy
     config = yaml.safe_load((tmp_path / "own_data" / "version_0" / "config.yaml").read_text())
     assert config["model"]["model_name"] == "fedilora-tiny" and config["trainer"]["aggregator"]["class_path"] \
         == "fedilora.algorithms.DimensionWiseDelta"  # the default method (configs/fedilora.yaml) and the tiny model
+
+
+def test_the_progress_bar_shows_the_steps_loss_except_under_dp(monkeypatch):
+    import torch
+
+    from fedilora.progress import RoundBar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    bar = RoundBar(rounds=3, initial=0, enabled=True)
+    bar.show(0, 5, 4, 2, 10, torch.tensor(1.23456))
+    assert bar._bar.postfix == "round 1/3 client 5 (r=4) step 2/10 loss 1.235"
+    bar._last_refresh = 0.0
+    bar.show(0, 5, 4, 3, 10, None)  # what the trainer passes under DP: no single client's figure
+    assert bar._bar.postfix == "round 1/3 client 5 (r=4) step 3/10"
+    bar.show(0, 5, 4, 4, 10, torch.tensor(9.0))  # within 0.5 s of the last redraw: not read, not drawn
+    assert bar._bar.postfix == "round 1/3 client 5 (r=4) step 3/10"
+    bar.close()

@@ -51,7 +51,7 @@ def fit_client(
     max_local_steps: int | None = None,
     call: HookCall = no_hooks,
     should_stop: Callable[[], bool] | None = None,
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, Tensor], None] | None = None,
 ) -> ClientUpdate:
     """Train one client for a round from ``lora``/``extra`` (what it received) and return its update.
 
@@ -70,7 +70,8 @@ def fit_client(
         max_local_steps: At most this many optimizer steps (None: no limit).
         call: Fires a federated callback hook by name.
         should_stop: Checked after every optimizer step; True raises ``Interrupted``.
-        on_step: Called with (step, total steps) after every optimizer step (progress display).
+        on_step: Called with (step, total steps, the step's detached loss) after every optimizer step
+            (progress display; reading the loss's value is left to it, so that a GPU is not synced every step).
 
     Raises:
         ConfigError: a data error (a bad file or row) met while training, with its original message
@@ -102,7 +103,7 @@ def fit_client(
                 if should_stop is not None and should_stop():
                     raise Interrupted
                 if on_step is not None:
-                    on_step(step, total_steps)
+                    on_step(step, total_steps, loss.detach())
                 if step >= total_steps:
                     break
     except ConfigError as err:

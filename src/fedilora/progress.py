@@ -1,10 +1,12 @@
-"""The round progress bar of a run: rounds done, the client and step under way, the last round's training loss."""
+"""The round progress bar of a run: rounds done, the client and step under way with its step's training
+loss, and the last round's mean training loss."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
 
+from torch import Tensor
 from tqdm.auto import tqdm
 
 
@@ -17,17 +19,19 @@ class RoundBar:
         self._loss = ""
         self._last_refresh = 0.0
 
-    def show(self, round_: int, client: int, rank: int, step: int, total: int) -> None:
+    def show(self, round_: int, client: int, rank: int, step: int, total: int, loss: Tensor | None = None) -> None:
         if self._bar.disable:
             return
+        now = time.monotonic()
+        if now - self._last_refresh <= 0.5:  # a redraw (and a loss read) per optimizer step would slow runs down
+            return
+        current = f" loss {float(loss):.4g}" if loss is not None else ""  # None under DP: one client's figure
         self._bar.set_postfix_str(
-            f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}{self._loss}",
+            f"round {round_ + 1}/{self.rounds} client {client} (r={rank}) step {step}/{total}{current}{self._loss}",
             refresh=False,
         )
-        now = time.monotonic()
-        if now - self._last_refresh > 0.5:  # a redraw per optimizer step would slow small runs down
-            self._bar.refresh()
-            self._last_refresh = now
+        self._bar.refresh()
+        self._last_refresh = now
 
     def round_done(self, round_: int, metrics: Mapping[str, float]) -> None:
         if "train/loss" in metrics:  # in the bar: the round's mean training loss over its clients

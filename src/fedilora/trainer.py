@@ -471,7 +471,7 @@ class FederatedTrainer:
             max_local_steps=self.max_local_steps,
             call=self._call,
             should_stop=lambda: self._interrupted,
-            on_step=lambda step, total: self._show(round_, client, rank, step, total),
+            on_step=lambda step, total, loss: self._show(round_, client, rank, step, total, loss),
         )
 
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:
@@ -485,9 +485,9 @@ class FederatedTrainer:
         return metrics
 
     # ----------------------------------------------------------------------------- output
-    def _show(self, round_: int, client: int, rank: int, step: int, total: int) -> None:
+    def _show(self, round_: int, client: int, rank: int, step: int, total: int, loss: Tensor) -> None:
         if self._bar is not None:
-            self._bar.show(round_, client, rank, step, total)
+            self._bar.show(round_, client, rank, step, total, None if self.server.released_only else loss)  # DP
 
     def log_histogram(self, tag: str, values: Tensor, step: int) -> None:
         """``step``: the ``round`` (from 0) a hook received; TensorBoard shows it as round ``step + 1``."""
