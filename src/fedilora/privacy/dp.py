@@ -147,16 +147,16 @@ _MAX_NOISE_MULTIPLIER = 1e3  # opacus' RDP analysis slows past this (0.9 s per e
 
 
 def _check_number(key: str, value: float | None, low: float, high: float = math.inf, *, open_low: bool = True,
-                  optional: bool = False, hint: str = "") -> None:  # fmt: skip
+                  open_high: bool = False, optional: bool = False, hint: str = "") -> None:  # fmt: skip
     """One ConfigError line naming ``trainer.privacy.<key>`` unless ``value`` is a finite number in range."""
     from fedilora.errors import ConfigError
 
     if value is None and optional:
         return
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if open_low else value >= low) and value <= high
+    ok = ok and (value > low if open_low else value >= low) and (value < high if open_high else value <= high)
     if not ok:
-        where = f"{'(' if open_low else '['}{low:g}, {high:g}]" if math.isfinite(high) else (
+        where = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}" if math.isfinite(high) else (
             f"> {low:g}" if open_low else f">= {low:g}")
         raise ConfigError(f"trainer.privacy.{key}: must be a finite number {'in ' if math.isfinite(high) else ''}"
                           f"{where}{' or null' if optional else ''}, got {value!r}{hint}")  # fmt: skip
@@ -240,12 +240,8 @@ class DifferentialPrivacy:
                       optional=True)  # fmt: skip
         _check_number("target_epsilon", target_epsilon, 0.0, optional=True,
                       hint=" (for no privacy, leave trainer.privacy out)")  # fmt: skip
-        _check_number("delta", delta, 0.0, 1.0)
-        if delta == 1.0:
-            raise ConfigError(f"trainer.privacy.delta: must be < 1, got {delta}")
-        _check_number("target_quantile", target_quantile, 0.0, 1.0)
-        if target_quantile == 1.0:
-            raise ConfigError(f"trainer.privacy.target_quantile: must be < 1, got {target_quantile}")
+        _check_number("delta", delta, 0.0, 1.0, open_high=True)
+        _check_number("target_quantile", target_quantile, 0.0, 1.0, open_high=True)
         # eta <= 0 makes C run away from the quantile instead of following it
         _check_number("clip_learning_rate", clip_learning_rate, 0.0, 10.0)
         _check_number("count_noise_multiplier", count_noise_multiplier, 0.0, _MAX_NOISE_MULTIPLIER, optional=True)
