@@ -19,7 +19,8 @@ For each run folder (``runs/<name>/version_N`` written by ``fedilora fit`` with 
 and a ``--trainer.keep_last`` covering every round) it reports, from every kept checkpoint:
   (a) per tower (visual / text) the global adapter's size sum_m ||s B_m A_m||_F, per rank block
       (dimensions [0, r1), [r1, r2), ... of the client ranks) and its change from the previous kept round;
-      and each personalized adapter's size per tower, grouped by the client's rank and missing pattern;
+      each personalized adapter's size per tower, grouped by the client's rank and missing pattern; and
+      each client's own step (its adapter minus the global it received) per tower, by pattern and rank;
   (b) per condition the global accuracy per evaluated round (TensorBoard events: global/<condition>/acc,
       personalized/mean/acc);
   (c) the head's first-layer column norms over the image half and the text half (global head and each
@@ -47,7 +48,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 import fedilora  # noqa: F401  (the torchvision shim first)
 from _bench import write_results
-from fedilora.lora_ops import module_keys
+from fedilora.lora_ops import module_keys, rank_axis
 
 TOWERS = ("visual", "text")
 CONDITIONS = ("complete", "image_only", "text_only")
@@ -79,12 +80,22 @@ def tower_change(new: dict, old: dict, scale: float) -> dict[str, float]:
     return out
 
 
-def head_halves(extra: dict) -> dict[str, float]:
-    """||W[:, :d]||_F and ||W[:, d:]||_F of the head's first Linear over [image, text] (d = half its inputs)."""
+def head_halves(extra: dict, first: dict | None = None) -> dict[str, float]:
+    """||W[:, :d]||_F and ||W[:, d:]||_F of the head's first Linear over [image, text] (d = half its inputs).
+
+    With ``first`` (the head of the first kept round) also the same norms of W - W_first: the random
+    initialisation weighs both halves alike and dominates W, so what training added shows in the drift.
+    """
     weight = extra["head.0.weight"].double()
     d = weight.shape[1] // 2
     image, text = float(weight[:, :d].norm()), float(weight[:, d:].norm())
-    return {"image": image, "text": text, "image_over_text": image / text}
+    out = {"image": image, "text": text, "image_over_text": image / text}
+    if first is not None:
+        drift = weight - first["head.0.weight"].double()
+        moved_image, moved_text = float(drift[:, :d].norm()), float(drift[:, d:].norm())
+        out |= {"drift_image": moved_image, "drift_text": moved_text,
+                "drift_image_over_text": moved_image / moved_text if moved_text else float("nan")}  # fmt: skip
+    return out
 
 
 def personal_state(entry: dict, folder: Path) -> tuple[int, dict, dict]:
@@ -135,11 +146,15 @@ def diagnose(run: Path) -> dict:
     checkpoints = sorted(run.glob("checkpoints/round-*.ckpt"), key=lambda p: int(re.findall(r"\d+", p.name)[-1]))
     if not checkpoints:
         raise SystemExit(f"{run}: no checkpoints/round-*.ckpt (was it run with --trainer.checkpoint_every 1?)")
-    rounds, previous = {}, None
+    rounds, previous, first, before, steps = {}, None, None, None, {}
     for path in checkpoints:
         state = torch.load(path, map_location="cpu", weights_only=False)
         lora, scale = state["global_lora"], lora_scale(model, global_rank)
-        row = {"global": tower_norms(lora, scale, edges), "head": head_halves(state["global_extra"])}
+        if before is not None and before["completed_rounds"] == state["completed_rounds"] - 1:
+            own_steps(before, state, path.parent, data, model, steps)
+        before = state
+        first = first or state["global_extra"]
+        row = {"global": tower_norms(lora, scale, edges), "head": head_halves(state["global_extra"], first)}
         if previous is not None:
             row["change"] = tower_change(lora, previous, scale)
         personal = {}
@@ -163,7 +178,32 @@ def diagnose(run: Path) -> dict:
         "edges": edges,
         "rounds": rounds,
         "accuracy": curves(run),
+        "own_steps": {f"{p} r{r}": {"trained": n, "visual": v / n, "text": t / n}
+                      for (p, r), (n, v, t) in sorted(steps.items())},
     }
+
+
+def own_steps(before: dict, state: dict, folder: Path, data: dict, model: dict, steps: dict) -> None:
+    """Add each client trained in ``state``'s round: per tower, its step from the global it received.
+
+    The step is the personalized adapter minus the previous round's global truncated to the client's rank
+    (the personalized state after an edit is the client's own training; see ``ModelEditing``), summed into
+    ``steps[(pattern, rank)] = [times trained, visual, text]``. A client counts as trained when its
+    personalized adapter changed since the previous checkpoint.
+    """
+    for client, entry in state["personal"].items():
+        rank, plora, _ = personal_state(entry, folder)
+        old = before["personal"].get(client)
+        if old is not None:
+            _, olora, _ = personal_state(old, folder)
+            if all(torch.equal(plora[k], olora[k]) for k in plora):
+                continue
+        received = {k: v[:rank] if rank_axis(k) == 0 else v[:, :rank] for k, v in before["global_lora"].items()}
+        step = tower_change(plora, received, lora_scale(model, rank))
+        group = steps.setdefault((pattern(data, int(client)), rank), [0, 0.0, 0.0])
+        group[0] += 1
+        group[1] += step["visual"]
+        group[2] += step["text"]
 
 
 def visual_share(norms: dict[str, list[float]]) -> float:
@@ -191,16 +231,23 @@ def report(results: list[dict]) -> None:
             head = sum(p["head_image_over_text"] for p in members) / len(members)
             print(f"  {r['name']:<12} {pat:<10} r{rank:<3} n={len(members)} visual {visual:7.3f} text {text:7.3f}"
                   f" head image/text {head:.3f}")  # fmt: skip
+    print("\n(a) each client's own step per round (its adapter minus the global it received), mean by (pattern, rank)")
+    for r in results:
+        for group, step in r["own_steps"].items():
+            print(f"  {r['name']:<12} {group:<15} trained {step['trained']:2d}x visual {step['visual']:6.3f}"
+                  f" text {step['text']:6.3f} visual/text {step['visual'] / step['text']:.2f}")  # fmt: skip
     print("\n(b) global accuracy per condition, every 5th evaluated round and the last")
     for r in results:
         for condition, curve in r["accuracy"].items():
             steps = sorted(curve)
             shown = sorted({*steps[::5], steps[-1]})
             print(f"  {r['name']:<12} {condition:<12} " + " ".join(f"{s}:{curve[s]:.3f}" for s in shown))
-    print("\n(c) global head, first layer: ||W_image||_F / ||W_text||_F per kept round (every 5th)")
+    print("\n(c) global head, first layer: ||W_image||_F / ||W_text||_F, and of W - W_1 (W_1: first kept round)")
     for r in results:
         shown = sorted({*sorted(r["rounds"])[::5], max(r["rounds"])})
-        print(f"  {r['name']:<12} " + " ".join(f"{t}:{r['rounds'][t]['head']['image_over_text']:.3f}" for t in shown))
+        heads = dict(zip(shown, (r["rounds"][t]["head"] for t in shown), strict=True))
+        print(f"  {r['name']:<12} W      " + " ".join(f"{t}:{h['image_over_text']:.3f}" for t, h in heads.items()))
+        print(f"  {'':<12} W-W_1  " + " ".join(f"{t}:{h['drift_image_over_text']:.3f}" for t, h in heads.items()))
 
 
 def plot(results: list[dict], folder: Path) -> None:
