@@ -3,6 +3,7 @@ error must stop the run; a run that aggregated (almost) nothing must not pass fo
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -193,3 +194,44 @@ def test_min_clients_above_clients_per_round_is_refused(tmp_path):
     trainer = FederatedTrainer(rounds=1, clients_per_round=2, ranks=4, min_clients_per_round=3, root_dir=str(tmp_path))
     with pytest.raises(ConfigError, match=r"trainer\.min_clients_per_round"):
         trainer.fit(LoRACLIPClassifier(num_classes=12), tiny_datamodule(num_clients=3))
+
+
+class Stall(FederatedCallback):
+    """Client ``victim`` stalls ``seconds`` before it trains in round ``round_`` (a slow or stuck node): the
+    test's clock jumps ahead instead of sleeping, so the outcome does not depend on this machine's speed."""
+
+    def __init__(self, clock, victim: int, seconds: float, round_: int = 0) -> None:
+        self.clock, self.victim, self.seconds, self.round = clock, victim, seconds, round_
+
+    def on_client_fit_start(self, trainer, round, client_id, rank):
+        if round == self.round and client_id == self.victim:
+            self.clock.offset += self.seconds
+
+
+def test_a_round_deadline_leaves_late_clients_out_and_the_round_goes_on(tmp_path, capsys, monkeypatch):
+    # 3 clients a round (plan order 0, 1, 2): client 1 stalls 2000 s in round 0, past a 1000 s deadline, so it
+    # is stopped after its first step, client 2 is never started, and client 0 alone is aggregated
+    class Clock:
+        offset, real = 0.0, time.monotonic
+
+        def __call__(self) -> float:
+            return self.real() + self.offset
+
+    clock = Clock()
+    monkeypatch.setattr(time, "monotonic", clock)
+    trainer = FederatedTrainer(rounds=2, clients_per_round=3, ranks=[4, 2, 2], max_local_steps=2,
+                               round_timeout_s=1000.0, callbacks=[Stall(clock, victim=1, seconds=2000.0)],
+                               root_dir=str(tmp_path), progress=False, update_norm_factor=None)  # fmt: skip
+    trainer.fit(LoRACLIPClassifier(num_classes=12), tiny_datamodule(num_clients=3, num_train=90, num_test=24))
+    out = capsys.readouterr().out
+    first, second = trainer.history
+    assert (first["round/num_clients"], first["round/rejected_updates"], first["round/skipped"]) == (1.0, 2.0, 0.0)
+    assert "client 1 left out of the aggregation (LateClient: still training at the round's deadline (step 1" in out
+    assert "client 2 left out of the aggregation (LateClient: not started by trainer.round_timeout_s=1000.0)" in out
+    assert (second["round/num_clients"], second["round/rejected_updates"]) == (3.0, 0.0)  # nobody late in round 1
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_a_bad_round_deadline_is_one_config_error(bad):
+    with pytest.raises(ConfigError, match=r"^trainer\.round_timeout_s: must be a finite number of seconds > 0"):
+        FederatedTrainer(round_timeout_s=bad)

@@ -7,6 +7,7 @@ process trains, and a Flower ClientApp calls it for its own partition. Either wa
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
@@ -18,6 +19,10 @@ from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier
 from fedilora.server import client_seed
 from fedilora.types import ClientUpdate
+
+
+class LateClient(Exception):
+    """A client still training at its round's deadline (``trainer.round_timeout_s``): left out like a fault."""
 
 
 class Interrupted(BaseException):
@@ -52,6 +57,7 @@ def fit_client(
     call: HookCall = no_hooks,
     should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[int, int, Tensor], None] | None = None,
+    deadline: float | None = None,
 ) -> ClientUpdate:
     """Train one client for a round from ``lora``/``extra`` (what it received) and return its update.
 
@@ -72,6 +78,7 @@ def fit_client(
         should_stop: Checked after every optimizer step; True raises ``Interrupted``.
         on_step: Called with (step, total steps, the step's detached loss) after every optimizer step
             (progress display; reading the loss's value is left to it, so that a GPU is not synced every step).
+        deadline: A ``time.monotonic()`` time: past it, after an optimizer step, ``LateClient`` is raised.
 
     Raises:
         ConfigError: a data error (a bad file or row) met while training, with its original message
@@ -104,6 +111,8 @@ def fit_client(
                     raise Interrupted
                 if on_step is not None:
                     on_step(step, total_steps, loss.detach())
+                if deadline is not None and time.monotonic() > deadline:
+                    raise LateClient(f"still training at the round's deadline (step {step} of {total_steps})")
                 if step >= total_steps:
                     break
     except ConfigError as err:

@@ -23,6 +23,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from pathlib import Path
+from typing import Any
 
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -261,3 +262,16 @@ def check_file(path: Path, size: int, sha256: str) -> None:
             f"--ckpt_path: {path} (a client's personalized state) is damaged: its size or SHA-256 differs from "
             "what the checkpoint recorded"
         )
+
+
+def personal_store(fabric: Any, spill_to: Path | None, memory_mb: float | None) -> PersonalStore:
+    """The store of a run's personalized states: ``memory_mb`` of RAM (None: no limit), then spilled to
+    ``spill_to/personal`` (None: never spilled, e.g. when only reading a checkpoint); each process of a
+    multi-process run spills its own copy."""
+    budget = None if memory_mb is None else int(memory_mb * 2**20)
+    directory = None
+    if spill_to is not None and budget is not None:
+        directory = spill_to / "personal"
+        if fabric.world_size > 1:
+            directory = directory / f"rank_{fabric.global_rank}"
+    return PersonalStore(directory, budget)

@@ -31,7 +31,7 @@ from fedilora.evaluation import evaluate_global, evaluate_personalized
 from fedilora.gather import gather_round
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.output import RunOutput, majority_warning, run_results
-from fedilora.personal import DEFAULT_MEMORY_MB, PersonalStore
+from fedilora.personal import DEFAULT_MEMORY_MB, personal_store
 from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.privacy.dp import released_only
 from fedilora.privacy.notes import say_what_dp_changes
@@ -70,6 +70,8 @@ class FederatedTrainer:
         max_update_norm: Reject a client update whose L2 distance from what it started from exceeds this.
         update_norm_factor: Reject a client update whose norm exceeds this many times the median norm of
             the round's updates (needs at least 3 updates in the round; null: off).
+        round_timeout_s: Seconds from a round's start after which a client still training, or not started, is
+            left out like a failed one (null: none; a run it cuts is not reproducible; Flower: ``round-timeout``).
         checkpoint_every: Write a checkpoint every this many rounds (and after the last; null: only then).
         keep_last: How many checkpoints of the run to keep.
         seed: Seed of model initialisation, client sampling and every client's local training.
@@ -104,6 +106,7 @@ class FederatedTrainer:
         min_clients_per_round: int = 1,
         max_update_norm: float | None = None,
         update_norm_factor: float | None = 10.0,
+        round_timeout_s: float | None = None,
         checkpoint_every: int | None = 5,
         keep_last: int = 2,
         seed: int = 0,
@@ -129,7 +132,7 @@ class FederatedTrainer:
         self.callbacks = list(callbacks or [])
         self.eval_every, self.seed, self.progress = eval_every, seed, progress
         self.min_clients_per_round, self.max_update_norm = min_clients_per_round, max_update_norm
-        self.update_norm_factor = update_norm_factor
+        self.update_norm_factor, self.round_timeout_s, self._deadline = update_norm_factor, round_timeout_s, None
         self.checkpoint_every, self.keep_last = checkpoint_every, keep_last
         self.personal_memory_mb = personal_memory_mb
         self._interrupted = False
@@ -211,22 +214,13 @@ class FederatedTrainer:
             update_norm_factor=self.update_norm_factor,
             privacy=self.privacy,
             secure_aggregation=self.secure_aggregation,
-            personal=self._personal_store(spill),
+            personal=personal_store(self.fabric, self.log_dir if spill else None, self.personal_memory_mb),
         )
 
     def launch(self) -> None:
         """``fabric.launch()``: start the other processes of this node, or join those a cluster's launcher
         started (torchrun, SLURM), which must agree with ``trainer.devices`` and ``trainer.num_nodes``."""
         launch(self.fabric)
-
-    def _personal_store(self, spill: bool) -> PersonalStore:
-        budget = None if self.personal_memory_mb is None else int(self.personal_memory_mb * 2**20)
-        directory = None
-        if spill and budget is not None:  # each process spills its own copy of the states
-            directory = self.log_dir / "personal"
-            if self.fabric.world_size > 1:
-                directory = directory / f"rank_{self.fabric.global_rank}"
-        return PersonalStore(directory, budget)
 
     # --------------------------------------------------------------------------------- fit
     def fit(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, ckpt_path: str | None = None) -> dict:
@@ -412,7 +406,11 @@ class FederatedTrainer:
         plan = server.plan(round_)
         mine = plan[fabric.global_rank :: fabric.world_size]  # each process trains its share of the clients
         updates, failures, downloaded, fatal = [], [], 0, None
+        self._deadline = None if self.round_timeout_s is None else time.monotonic() + self.round_timeout_s
         for client, rank in mine:
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                failures.append((client, f"LateClient: not started by trainer.round_timeout_s={self.round_timeout_s}"))
+                continue
             lora, extra = server.payload(client, rank)
             downloaded += server.download_nbytes(lora, extra)
             try:
@@ -472,6 +470,7 @@ class FederatedTrainer:
             call=self._call,
             should_stop=lambda: self._interrupted,
             on_step=lambda step, total, loss: self._show(round_, client, rank, step, total, loss),
+            deadline=self._deadline,
         )
 
     def evaluate(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule) -> dict[str, float]:

@@ -38,6 +38,8 @@ def check_trainer_options(options: Mapping[str, Any]) -> None:
         raise ConfigError(f"trainer.max_update_norm: must be > 0 or null, got {max_norm}")
     if (factor := options["update_norm_factor"]) is not None and not factor > 1:
         raise ConfigError(f"trainer.update_norm_factor: must be > 1 or null (off), got {factor}")
+    if (timeout := options["round_timeout_s"]) is not None and not (0 < timeout < float("inf")):
+        raise ConfigError(f"trainer.round_timeout_s: must be a finite number of seconds > 0 or null, got {timeout}")
     if (every := options["checkpoint_every"]) is not None and every < 1:
         raise ConfigError(f"trainer.checkpoint_every: must be >= 1 or null, got {every}")
     if (keep_last := options["keep_last"]) < 1:
