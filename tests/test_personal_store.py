@@ -210,3 +210,18 @@ def test_resume_with_spilling_equals_the_uninterrupted_run_and_a_damaged_file_is
     victim.write_bytes(victim.read_bytes()[:-1] + b"\0")
     with pytest.raises(ConfigError, match=f"{re.escape(str(victim))}.* is damaged"):
         _run(tmp_path / "broken", 0, callbacks=[Crash()], ckpt_path=str(checkpoint))
+
+
+def test_a_spilled_state_with_non_finite_values_is_refused_when_read(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    store = PersonalStore(tmp_path, budget_bytes=0)
+    store[3] = _state(3)
+    (path,) = tmp_path.glob("client_3.*.safetensors")
+    with safe_open(path, framework="pt") as handle:  # the same file, one value made NaN
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    tensors["extra.head.0.weight"][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ConfigError, match=r"client 3: .*client_3\..*: tensor head\.0\.weight has non-finite values"):
+        store[3]

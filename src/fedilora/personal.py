@@ -192,6 +192,12 @@ class PersonalStore(MutableMapping[int, Personal]):
             raise ConfigError(
                 f"personalized state of client {client}: {entry.file} cannot be read ({type(err).__name__}: {err})"
             ) from None
+        for name, value in {**lora, **extra}.items():  # a model that predicts one constant class is never used
+            if value.is_floating_point() and not bool(value.isfinite().all()):
+                raise ConfigError(
+                    f"personalized state of client {client}: {entry.file}: tensor {name} has non-finite values; a "
+                    "model with non-finite parameters is refused"
+                )
         self.reads += 1
         return lora, extra
 
