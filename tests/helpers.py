@@ -51,3 +51,17 @@ class Sabotage(FederatedCallback):
         key = next(iter(state))
         state[key] = state[key].clone()
         state[key].view(-1)[0] = 1e6 if self.mode == "huge" else math.nan
+
+
+#: two LoRA modules of small, unequal shapes (prefix -> (d_out, d_in)), one in the visual tower
+SHAPES = {"visual.m.c_fc": (5, 6), "n": (3, 4)}
+
+
+def make_lora(rank: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random float64 ``lora_A``/``lora_B`` of ``rank`` for every module of ``SHAPES``."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for prefix, (d_out, d_in) in SHAPES.items():
+        out[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g, dtype=torch.float64)
+        out[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
+    return out

@@ -23,20 +23,11 @@ from fedilora.privacy.dp import DifferentialPrivacy
 from fedilora.privacy.rounds import add_contributions, contribution, release
 from fedilora.privacy.secagg import SecureAggregation
 from fedilora.types import ClientUpdate
+from helpers import SHAPES, make_lora
 
 # two modules; for "n" d_in equals the global rank, so A and B must be told apart by name
-SHAPES = {"visual.m.c_fc": (5, 6), "n": (3, 4)}  # prefix -> (d_out, d_in)
 GLOBAL_RANK = 3
 A, B = "m.lora_A.weight", "m.lora_B.weight"  # the hand-computed cases' single module "m"
-
-
-def make_lora(rank: int, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for prefix, (d_out, d_in) in SHAPES.items():
-        out[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g, dtype=torch.float64)
-        out[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
-    return out
 
 
 def update(k: int, lora: dict[str, Tensor], n: int, extra: dict[str, Tensor] | None = None) -> ClientUpdate:

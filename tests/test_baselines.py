@@ -21,20 +21,11 @@ from fedilora.baselines import (
     truncated_factors,
     zero_padded_average,
 )
+from helpers import SHAPES, make_lora
 
 # two modules; for "n" d_in equals the largest rank, so A and B must be told apart by name
-SHAPES = {"visual.m.c_fc": (5, 6), "n": (3, 4)}  # prefix -> (d_out, d_in)
 A = "visual.m.c_fc.lora_A.weight"
 B = "visual.m.c_fc.lora_B.weight"
-
-
-def make_lora(rank: int, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for prefix, (d_out, d_in) in SHAPES.items():
-        out[f"{prefix}.lora_A.weight"] = torch.randn(rank, d_in, generator=g, dtype=torch.float64)
-        out[f"{prefix}.lora_B.weight"] = torch.randn(d_out, rank, generator=g, dtype=torch.float64)
-    return out
 
 
 def update(k: int, lora: dict[str, Tensor], n: int) -> ClientUpdate:
