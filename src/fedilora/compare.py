@@ -102,7 +102,7 @@ def has_checkpoint(root: Path, name: str) -> bool:
 def run_one(args: list[str], root: Path, name: str) -> tuple[list[dict], dict]:
     """One ``fedilora fit`` in this process, resumed from its last checkpoint if it has one."""
     import fedilora  # noqa: F401  (the torchvision shim before lightning)
-    from fedilora.lightning_cli import FediLoRACLI
+    from fedilora.cli.lightning import FediLoRACLI
 
     if has_checkpoint(root, name):
         args = [*args, "--ckpt_path", "last"]

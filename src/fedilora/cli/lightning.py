@@ -19,7 +19,7 @@ from fedilora import __version__, algorithms
 from fedilora.algorithms.base import Aggregator
 from fedilora.callbacks import FederatedCallback
 from fedilora.checkpoint import find_last, newest_checkpoint
-from fedilora.commands import DESCRIPTION, EXTERNAL, LIGHTNING
+from fedilora.cli.commands import DESCRIPTION, EXTERNAL, LIGHTNING
 from fedilora.data.datamodule import FederatedDataModule
 from fedilora.errors import ConfigError
 from fedilora.model import LoRACLIPClassifier

@@ -1,5 +1,8 @@
-"""``fedilora <command>``: the entry point. ``fit``, ``export`` and ``validate`` are LightningCLI subcommands
-(:mod:`fedilora.lightning_cli`); the others (:data:`fedilora.commands.EXTERNAL`) run their module's ``main``."""
+"""``fedilora <command>`` and ``python -m fedilora``: the entry point.
+
+The commands are listed once, in :mod:`fedilora.cli.commands`. ``fit``, ``export`` and ``validate`` are
+LightningCLI subcommands (:mod:`fedilora.cli.lightning`); the others run their module's ``main``
+(:data:`RUNNERS`)."""
 
 from __future__ import annotations
 
@@ -9,14 +12,15 @@ import sys
 from typing import Any
 
 from fedilora.checkpoint import Stopped
-from fedilora.commands import EXTERNAL
+from fedilora.cli.commands import COMMANDS, EXTERNAL
+from fedilora.cli.lightning import METHODS, FediLoRACLI
 from fedilora.errors import ConfigError, RunFailed
-from fedilora.lightning_cli import METHODS, FediLoRACLI
 
-__all__ = ["EXTERNAL", "METHODS", "FediLoRACLI", "main"]
+__all__ = ["COMMANDS", "EXTERNAL", "METHODS", "FediLoRACLI", "main"]
 
-#: the module whose ``main(argv)`` runs each command of ``EXTERNAL`` (imported when the command runs)
-MODULES = {"compare": "fedilora.compare", "predict": "fedilora.predict"}
+#: the module whose ``main(argv)`` runs each command of ``EXTERNAL`` (imported when the command runs; named
+#: here and not in the command table, see :mod:`fedilora.cli.commands`)
+RUNNERS = {"compare": "fedilora.compare", "predict": "fedilora.predict"}
 
 
 def _config_error_in(err: BaseException) -> ConfigError | None:
@@ -33,7 +37,7 @@ def _config_error_in(err: BaseException) -> ConfigError | None:
 def main(args: Any = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] and argv[0] in EXTERNAL:  # e.g. compare: its own options, runs `fit` for each method
-        return importlib.import_module(MODULES[argv[0]]).main(argv[1:])
+        return importlib.import_module(RUNNERS[argv[0]]).main(argv[1:])
     try:
         FediLoRACLI(args=args)
     except ConfigError as err:
@@ -52,7 +56,3 @@ def main(args: Any = None) -> None:
         signum = err.signum if isinstance(err, Stopped) else signal.SIGINT
         print(f"fedilora: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
         raise SystemExit(128 + signum) from None
-
-
-if __name__ == "__main__":
-    main()
