@@ -12,18 +12,17 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fedilora.data.errors import DataError
 from fedilora.data.files import (
     BadSamples,
-    CheckImages,
     FileSource,
-    OnBadSample,
     Record,
     text_problem,
     undecodable,
 )
+from fedilora.data.images import image_options
 from fedilora.data.source import MultimodalData
 from fedilora.errors import ConfigError
 
@@ -91,6 +90,7 @@ def jsonl_rows(path: Path, bad: BadSamples) -> Iterator[tuple[int, dict]]:
             yield number, value
 
 
+@image_options(check_images="header")
 class UPMCFood101(FileSource):
     """UPMC Food-101 (Wang et al. 2015): 101 food classes, an image and a web-page title per sample.
 
@@ -109,17 +109,6 @@ class UPMCFood101(FileSource):
     Args:
         root: The dataset's directory (the one holding ``images/`` and ``texts/``).
         classes: The class names, in label order (default: the directories of ``images/train``).
-        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
-            on access).
-        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
-            naming the file, the line and the problem; ``skip``: such samples are left out and the
-            number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file), ``decode`` (every image decodes; slow) or ``auto`` (``decode`` under
-            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
-        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
-        max_samples: If set, a seeded random subset of at most this many samples per split.
-        seed: Seed of the ``max_samples`` subsets.
     """
 
     name = "UPMCFood101"
@@ -129,14 +118,9 @@ class UPMCFood101(FileSource):
         self,
         root: str,
         classes: list[str] | None = None,
-        image_size: int = 224,
-        on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "header",
-        cache_size: int = 1024,
-        max_samples: int | None = None,
-        seed: int = 0,
+        **image: Any,
     ) -> None:
-        super().__init__(image_size, on_bad_sample, check_images, cache_size, max_samples, seed)
+        super().__init__(**image)
         self.root = self.existing_dir(root, "data.dataset.root", "UPMC Food-101")
         if classes is not None and (len(classes) < 2 or len(set(classes)) != len(classes)):
             raise ConfigError("data.dataset.classes: give at least 2 class names, each once")
@@ -187,6 +171,7 @@ class UPMCFood101(FileSource):
         return self.to_data(self.checked(records, split, bad), split)
 
 
+@image_options(check_images="header")
 class MMIMDb(FileSource):
     """MM-IMDb (Arevalo et al. 2017): movie posters and plots, 23 genres, multi-label.
 
@@ -207,17 +192,6 @@ class MMIMDb(FileSource):
             code), ``longest`` (as MMF) or ``all`` (joined).
         genres: The label set, in target order (default: the 23 published genres).
         items_dir: Directory of the ``<id>.json`` / ``<id>.jpeg`` files, relative to ``root``.
-        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
-            on access).
-        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
-            naming the file, the line and the problem; ``skip``: such samples are left out and the
-            number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file), ``decode`` (every image decodes; slow) or ``auto`` (``decode`` under
-            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
-        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
-        max_samples: If set, a seeded random subset of at most this many samples per split.
-        seed: Seed of the ``max_samples`` subsets.
     """
 
     name = "MMIMDb"
@@ -230,14 +204,9 @@ class MMIMDb(FileSource):
         plot: Literal["first", "longest", "all"] = "first",
         genres: list[str] | None = None,
         items_dir: str = "dataset",
-        image_size: int = 224,
-        on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "header",
-        cache_size: int = 1024,
-        max_samples: int | None = None,
-        seed: int = 0,
+        **image: Any,
     ) -> None:
-        super().__init__(image_size, on_bad_sample, check_images, cache_size, max_samples, seed)
+        super().__init__(**image)
         self.root = self.existing_dir(root, "data.dataset.root", "MM-IMDb (the mmimdb/ directory)")
         if plot not in ("first", "longest", "all"):
             raise ConfigError(f"data.dataset.plot: unknown {plot!r}; allowed: first, longest, all")
@@ -310,6 +279,7 @@ class MMIMDb(FileSource):
         return " ".join(plots)
 
 
+@image_options(check_images="header")
 class HatefulMemes(FileSource):
     """Hateful Memes (Kiela et al. 2020): meme images with their overlaid text, hateful or not (binary).
 
@@ -330,17 +300,6 @@ class HatefulMemes(FileSource):
         train_file: Training split file.
         dev_file: Development split file (``dev_seen.jsonl``; ``dev_unseen.jsonl`` also exists in Phase 2).
         test_file: Global test split file (``test_seen.jsonl`` or ``test_unseen.jsonl``).
-        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
-            on access).
-        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
-            naming the file, the line and the problem; ``skip``: such samples are left out and the
-            number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            file), ``decode`` (every image decodes; slow) or ``auto`` (``decode`` under
-            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
-        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
-        max_samples: If set, a seeded random subset of at most this many samples per split.
-        seed: Seed of the ``max_samples`` subsets.
     """
 
     name = "HatefulMemes"
@@ -354,14 +313,9 @@ class HatefulMemes(FileSource):
         train_file: str = "train.jsonl",
         dev_file: str = "dev_seen.jsonl",
         test_file: str = "test_seen.jsonl",
-        image_size: int = 224,
-        on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "header",
-        cache_size: int = 1024,
-        max_samples: int | None = None,
-        seed: int = 0,
+        **image: Any,
     ) -> None:
-        super().__init__(image_size, on_bad_sample, check_images, cache_size, max_samples, seed)
+        super().__init__(**image)
         self.root = self.existing_dir(root, "data.dataset.root", "Hateful Memes")
         self.include_dev = include_dev
         self.train_file, self.dev_file, self.test_file = train_file, dev_file, test_file

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,13 +31,12 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from fedilora.data.errors import DataError
+from fedilora.data.images import CheckImages, ImageOptions, OnBadSample, image_options
 from fedilora.data.source import MultimodalData, MultimodalSource
 from fedilora.errors import ConfigError
 
 log = logging.getLogger("fedilora.data")
 
-OnBadSample = Literal["error", "skip"]
-CheckImages = Literal["auto", "exists", "header", "decode"]
 _CHECK_THREADS = 8
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -290,58 +289,20 @@ def text_problem(text: object) -> str | None:
     return undecodable([text], decoded=True)  # the lines and rows holding it were checked for bytes
 
 
+@image_options()
 class FileSource(MultimodalSource):
     """Base of the datasets read from local files (see the subclasses for their layouts).
 
     Args:
-        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
-            on access). The model resizes again if its own input size differs.
-        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
-            naming the file, the line and the problem. ``skip``: such samples are left out and the
-            number skipped per split is logged (and kept in ``skipped``).
-        check_images: How images are checked when the dataset is loaded: ``exists`` (the file is
-            there), ``header`` (PIL recognises the file; a truncated file passes), ``decode`` (every
-            image decodes as training decodes it; 1.2 ms of CPU per JPEG, 6 ms per PNG here) or
-            ``auto`` (default): ``decode`` under ``on_bad_sample: skip`` (a sample can only be skipped
-            at load time), ``header`` under ``error``. An image that fails later, while training,
-            stops the run with a ``DataError`` naming its file, line and client split.
-        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
-        max_samples: If set, keep a random subset of at most this many samples per split (seeded by
-            ``seed``), for quick runs on a large dataset.
-        seed: Seed of ``max_samples`` subsets (and of held-out splits where a dataset makes them).
     """
 
     name = "dataset"
 
-    def __init__(
-        self,
-        image_size: int = 224,
-        on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "auto",
-        cache_size: int = 1024,
-        max_samples: int | None = None,
-        seed: int = 0,
-    ) -> None:
-        if image_size < 8:
-            raise ConfigError(f"data.dataset.image_size: must be >= 8, got {image_size}")
-        if on_bad_sample not in ("error", "skip"):
-            raise ConfigError(f"data.dataset.on_bad_sample: unknown {on_bad_sample!r}; allowed: error, skip")
-        if check_images not in ("auto", "exists", "header", "decode"):
-            raise ConfigError(
-                f"data.dataset.check_images: unknown {check_images!r}; allowed: auto, exists, header, decode"
-            )
-        if check_images == "auto":
-            check_images = "decode" if on_bad_sample == "skip" else "header"
-        if cache_size < 0:
-            raise ConfigError(f"data.dataset.cache_size: must be >= 0, got {cache_size}")
-        if max_samples is not None and max_samples < 1:
-            raise ConfigError(f"data.dataset.max_samples: must be >= 1 or null, got {max_samples}")
-        self.image_size = image_size
-        self.on_bad_sample: OnBadSample = on_bad_sample
-        self.check_images: CheckImages = check_images
-        self.cache_size = cache_size
-        self.max_samples = max_samples
-        self.seed = seed
+    def __init__(self, **image: Any) -> None:
+        self.image_options = options = ImageOptions(**image)
+        self.image_size, self.on_bad_sample = options.image_size, options.on_bad_sample
+        self.check_images = options.check  # the level applied: ``auto`` resolved
+        self.cache_size, self.max_samples, self.seed = options.cache_size, options.max_samples, options.seed
         self.skipped: dict[str, int] = {}
         self.skip_examples: dict[str, str] = {}  # per split: how many were skipped and why, for to_data
         self._inferred = False  # the classes were read from the training data (not given by the user)

@@ -5,20 +5,19 @@ from __future__ import annotations
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fedilora.data.benchmarks import csv_rows, jsonl_rows
 from fedilora.data.errors import DataError
 from fedilora.data.files import (
     BadSamples,
-    CheckImages,
     FileSource,
-    OnBadSample,
     Record,
     hold_out,
     text_problem,
     undecodable,
 )
+from fedilora.data.images import image_options
 from fedilora.data.source import MultimodalData, Task
 from fedilora.errors import ConfigError
 
@@ -30,6 +29,7 @@ def _natural_key(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
+@image_options()
 class MultimodalTable(FileSource):
     """A user's own data: a CSV or JSONL file of image path, text and label per sample.
 
@@ -65,17 +65,6 @@ class MultimodalTable(FileSource):
         label_separator: Separator of the labels in a multi-label CSV cell or string.
         delimiter: CSV field delimiter (default: tab for ``.tsv``, comma otherwise).
         format: ``auto`` (from the file extension), ``csv`` or ``jsonl``.
-        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
-            on access).
-        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
-            naming the file, the line and the problem; ``skip``: such samples are left out and the
-            number skipped per split is logged.
-        check_images: Image check at load time: ``exists``, ``header`` (PIL recognises the file),
-            ``decode`` (every image decodes; slow) or ``auto`` (default: ``decode`` under
-            ``on_bad_sample: skip``, else ``header``). See ``FileSource``.
-        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
-        max_samples: If set, a seeded random subset of at most this many samples per split.
-        seed: Seed of the held-out test split and of the ``max_samples`` subsets.
     """
 
     name = "MultimodalTable"
@@ -93,14 +82,9 @@ class MultimodalTable(FileSource):
         label_separator: str = "|",
         delimiter: str | None = None,
         format: Literal["auto", "csv", "jsonl"] = "auto",
-        image_size: int = 224,
-        on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "auto",
-        cache_size: int = 1024,
-        max_samples: int | None = None,
-        seed: int = 0,
+        **image: Any,
     ) -> None:
-        super().__init__(image_size, on_bad_sample, check_images, cache_size, max_samples, seed)
+        super().__init__(**image)
         if task not in ("multiclass", "multilabel", "binary"):
             raise ConfigError(f"data.dataset.task: unknown {task!r}; allowed: multiclass, multilabel, binary")
         if format not in ("auto", "csv", "jsonl"):

@@ -22,15 +22,14 @@ from typing import Any, Literal
 from fedilora.data.errors import DataError
 from fedilora.data.files import (
     BadSamples,
-    CheckImages,
     FileSource,
-    OnBadSample,
     Record,
     hold_out,
     text_problem,
 )
 from fedilora.data.generic import _natural_key
 from fedilora.data.hf_images import HFImages, image_source, source_problem, undecoded_image_column
+from fedilora.data.images import image_options
 from fedilora.data.source import MultimodalData, Task
 from fedilora.errors import ConfigError
 
@@ -54,6 +53,7 @@ def _offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
+@image_options(check_images="header")
 class HuggingFaceDataset(FileSource):
     """Image-text data saved as a Hugging Face dataset, read locally with the ``datasets`` library.
 
@@ -94,15 +94,6 @@ class HuggingFaceDataset(FileSource):
         label_separator: Separator of several labels in one string (``multilabel``).
         cache_dir: Where ``datasets`` keeps the Arrow copy of data files (default: its own cache,
             ``HF_DATASETS_CACHE``); unused for ``save_to_disk`` folders.
-        image_size: Side of the square images handed to the model (decoded, resized and centre-cropped
-            on access).
-        on_bad_sample: ``error`` (default): the first malformed sample ends the run with a message
-            naming the dataset, split and row; ``skip``: such samples are left out and counted.
-        check_images: Image check at load time: ``exists``, ``header`` (default; PIL recognises the
-            image) or ``decode`` (every image decodes completely; slow).
-        cache_size: Decoded images kept in memory per pool (LRU); 0 disables the cache.
-        max_samples: If set, a seeded random subset of at most this many samples per split.
-        seed: Seed of the held-out test split and of the ``max_samples`` subsets.
     """
 
     name = "HuggingFaceDataset"
@@ -121,14 +112,9 @@ class HuggingFaceDataset(FileSource):
         classes: list[str] | None = None,
         label_separator: str = "|",
         cache_dir: str | None = None,
-        image_size: int = 224,
-        on_bad_sample: OnBadSample = "error",
-        check_images: CheckImages = "header",
-        cache_size: int = 1024,
-        max_samples: int | None = None,
-        seed: int = 0,
+        **image: Any,
     ) -> None:
-        super().__init__(image_size, on_bad_sample, check_images, cache_size, max_samples, seed)
+        super().__init__(**image)
         if format not in ("auto", "disk", "parquet", "arrow", "imagefolder", "csv", "json"):
             raise ConfigError(
                 f"data.dataset.format: unknown {format!r}; allowed: auto, disk, parquet, arrow, imagefolder, csv, json"
