@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from fedilora.client import Interrupted, fit_client
 from fedilora.data.datamodule import Condition, FederatedDataModule
 from fedilora.errors import ConfigError, RunFailed
 from fedilora.evaluation import evaluate_global, evaluate_personalized
-from fedilora.gather import gather_round
+from fedilora.fabric_pool import FabricPool
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.output import RunOutput, majority_warning, run_results
 from fedilora.personal import DEFAULT_MEMORY_MB, personal_store
@@ -36,13 +37,13 @@ from fedilora.privacy import DifferentialPrivacy, SecureAggregation
 from fedilora.privacy.dp import released_only
 from fedilora.privacy.notes import say_what_dp_changes
 from fedilora.progress import RoundBar
+from fedilora.round import ClientPool, run_round
 from fedilora.run_state import restore_run_state, run_state, save_run_state, stop_with_checkpoint
 from fedilora.runtime import build, launch
 from fedilora.server import (
     POOLED,
     FederatedServer,
     Personal,
-    RoundResult,
     check_federation,
     client_ranks,
     clients_per_round,
@@ -400,42 +401,15 @@ class FederatedTrainer:
         self.fabric.call(hook, trainer=self, **kwargs)
 
     def _run_round(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, round_: int) -> dict[str, float]:
-        fabric, server = self.fabric, self.server
-        started = time.perf_counter()
-        self._call("on_round_start", round=round_)
-        plan = server.plan(round_)
-        mine = plan[fabric.global_rank :: fabric.world_size]  # each process trains its share of the clients
-        updates, failures, downloaded, fatal = [], [], 0, None
         self._deadline = None if self.round_timeout_s is None else time.monotonic() + self.round_timeout_s
-        for client, rank in mine:
-            if self._deadline is not None and time.monotonic() > self._deadline:
-                failures.append((client, f"LateClient: not started by trainer.round_timeout_s={self.round_timeout_s}"))
-                continue
-            lora, extra = server.payload(client, rank)
-            downloaded += server.download_nbytes(lora, extra)
-            try:
-                update = self.train_client(model, datamodule, round_, client, rank, lora, extra)
-                problem = server.check(update, lora, extra)
-            except ConfigError as err:  # a data error (a bad file or row): the run stops, on every process
-                fatal = str(err)
-                break
-            except Exception as err:  # a client's failure must not end the federation
-                update, problem = None, f"{type(err).__name__}: {err}"
-            if problem is None:
-                updates.append(update)
-            else:
-                failures.append((client, problem))
-        if fabric.world_size > 1:
-            updates, failures, downloaded, fatal = gather_round(fabric, updates, failures, downloaded, fatal, plan)
-        if fatal is not None:
-            raise ConfigError(fatal)
-        result: RoundResult = server.aggregate(round_, updates, failures)
-        for line in result.warnings(self.min_clients_per_round):
-            fabric.print(line)
-        if result.base_delta:  # FLoRA: this process's model shares the base weights every client trains on
-            model.merge_into_base(result.base_delta)
-        self._call("on_aggregate_end", round=round_, global_lora=server.global_lora, updates=result.updates)
-        return result.metrics(self.aggregator.communicates, downloaded, time.perf_counter() - started)
+        pool = FabricPool(self.fabric, partial(self.train_client, model, datamodule, round_), self._deadline,
+                          self.round_timeout_s)  # fmt: skip
+        return self._round(model, pool, round_)
+
+    def _round(self, model: LoRACLIPClassifier, pool: ClientPool, round_: int) -> dict[str, float]:
+        """``run_round`` with this trainer's hooks, printing, minimum of clients and base weights."""
+        return run_round(self.server, pool, round_, self._call, min_clients=self.min_clients_per_round,
+                         say=self.fabric.print, merge_into_base=model.merge_into_base)  # fmt: skip
 
     def train_client(
         self,

@@ -1,16 +1,16 @@
 """The Flower ServerApp: ``FederatedTrainer.fit`` with Flower messages as the transport of client work.
 
-``FlowerTrainer`` is the Fabric engine whose clients live on SuperNodes. The round loop, the plan, the
-per-rank payloads, the fault filter, the aggregation (any ``Aggregator``: FediLoRA, FedAvg, HetLoRA,
-FLoRA with its base merge, FlexLoRA, Local), evaluation, TensorBoard logs, checkpoints (resume with
-run config ``ckpt-path``) and the results table are the inherited ones; only three steps differ:
+``FlowerTrainer`` is the Fabric engine whose clients live on SuperNodes. A round is ``fedilora.round.run_round``
+(plan, per-rank payloads, fault filter, aggregation by any ``Aggregator``, FLoRA's base merge); evaluation,
+TensorBoard logs, checkpoints (resume with run config ``ckpt-path``) and the results table are the inherited
+ones; three steps differ:
 
 - ``connect``: wait for ``data.num_clients`` SuperNodes and ask each (a QUERY message) for its client
   id and LoRA rank; the ranks the nodes report are the run's ranks.
-- ``train_client``: before the round's clients are processed every sampled client gets a TRAIN message
-  with its payload (the global adapter truncated to its rank, the head, and under FLoRA the merged base
-  weights) and the replies are awaited (in plan order, up to ``round-timeout``). A node that fails, is
-  lost or does not answer in time is left out of the round like a failing client of ``fedilora fit``.
+- the round's transport, ``FlowerPool``: every sampled client gets a TRAIN message with its payload (the
+  global adapter truncated to its rank, the head, and under FLoRA the merged base weights) and all replies
+  are awaited (up to ``round-timeout``) before any is read. A node that fails, is lost or does not answer
+  in time is left out of the round like a failing client of ``fedilora fit``.
 - ``evaluate``: the global model on the server's global test set (as in ``fedilora fit``); every
   personalized model on its own client's test split through an EVALUATE message.
 
@@ -57,6 +57,7 @@ from fedilora.flower.config import parse, resolve_path, set_threads
 from fedilora.flower.records import report_from_record, to_arrays, update_from_record
 from fedilora.model import LoRACLIPClassifier, State
 from fedilora.privacy.rounds import layout
+from fedilora.round import Payloads, Plan, RoundUploads, record
 from fedilora.server import Personal, RoundResult, strategy_name
 from fedilora.trainer import FederatedTrainer
 
@@ -185,7 +186,7 @@ class FlowerTrainer(FederatedTrainer):
             raise ConfigError(f"link-timeout (run config): must be > 0 seconds, got {link_timeout}")
         self.grid, self.round_timeout = grid, round_timeout
         bound_retries(grid, min(link_timeout, round_timeout))
-        self._inbox, self._replies = Inbox(grid, stop=lambda: self._interrupted), {}
+        self._inbox = Inbox(grid, stop=lambda: self._interrupted)
         self._kept: dict[int, int] = {}  # secure aggregation: client -> rank of the personalized model it keeps
         deadline = time.monotonic() + node_timeout
         nodes = sorted(self._inbox.link("listing the nodes", grid.get_node_ids))
@@ -256,17 +257,8 @@ class FlowerTrainer(FederatedTrainer):
         return Message(content, dst_node_id=self._nodes[client], message_type=kind, group_id=str(round_))
 
     # ------------------------------------------------------------------------ the engine's steps
-    def train_client(
-        self,
-        model: LoRACLIPClassifier,
-        datamodule: FederatedDataModule,
-        round_: int,
-        client: int,
-        rank: int,
-        lora: State,
-        extra: State,
-    ) -> ClientUpdate:
-        reply = self._replies.pop(client, None)  # collected by _collect before the round's clients are processed
+    def _update(self, reply: Message | None, client: int, rank: int) -> ClientUpdate:
+        """The update in ``client``'s TRAIN reply; ``ClientLost`` if there is none."""
         problem = _reason(reply, "train", self.round_timeout)
         if problem is not None:
             raise ClientLost(problem)
@@ -280,13 +272,12 @@ class FlowerTrainer(FederatedTrainer):
         return update
 
     def _run_round(self, model: LoRACLIPClassifier, datamodule: FederatedDataModule, round_: int) -> dict[str, float]:
-        """The inherited round, plus how many client runtimes its TRAIN messages had to build (a fresh
-        ClientApp process builds one; a kept runtime does not) and the seconds they took, and per client
-        the median of the trip (TRAIN pushed to reply pulled) and of the work on the node within it."""
+        """``run_round`` over Flower messages, plus how many client runtimes its TRAINs built (a fresh
+        ClientApp process builds one; a kept runtime does not), their seconds, and per client the median
+        of the trip (TRAIN pushed to reply pulled) and of the work on the node within it."""
         self._builds = {"built": 0.0, "seconds": 0.0, "trips": [], "work": []}
         if self.secure_aggregation is None:
-            self._collect(model, round_)
-            metrics = super()._run_round(model, datamodule, round_)
+            metrics = self._round(model, FlowerPool(self, model), round_)
         else:
             metrics = self._masked_round(model, round_)
         metrics["flower/client_builds"] = self._builds["built"]
@@ -295,19 +286,6 @@ class FlowerTrainer(FederatedTrainer):
             metrics["flower/trip_s"] = statistics.median(self._builds["trips"])
             metrics["flower/client_work_s"] = statistics.median(self._builds["work"])
         return metrics
-
-    def _collect(self, model: LoRACLIPClassifier, round_: int) -> None:
-        """Send every sampled client its TRAIN message and wait for the replies (``train_client`` reads
-        them). Done before the inherited round processes any client, so that a lost SuperLink or a round
-        without a single answer stops the run before anything of this round is aggregated."""
-        messages = {}
-        for client, rank in self.server.plan(round_):
-            payload = self.server.payload(client, rank)
-            messages[client] = self._message(MessageType.TRAIN, model, round_, client, rank, *payload)
-        self._inbox.send(messages)
-        deadline = time.monotonic() + self.round_timeout
-        self._replies = {client: self._inbox.wait(client, deadline) for client in messages}
-        self._stop_if_all_lost(round_, {c: _reason(r, "train", self.round_timeout) for c, r in self._replies.items()})
 
     def _stop_if_all_lost(self, round_: int, problems: Mapping[int, str | None]) -> None:
         """``AllClientsLost`` when no client of the round answered (``problems``: client -> why lost, or None)."""
@@ -467,6 +445,35 @@ class FlowerTrainer(FederatedTrainer):
                 per_client[client] = dict(reply.content.metric_records["metrics"])
         metrics.update(personalized_summary(per_client))
         return metrics
+
+
+class FlowerPool:
+    """The round's clients on SuperNodes, a ``ClientPool``: all replies are in before any is read, so that
+    a lost SuperLink or a round without a single answer stops the run before anything is aggregated."""
+
+    def __init__(self, trainer: FlowerTrainer, model: LoRACLIPClassifier) -> None:
+        self.trainer, self.model = trainer, model
+
+    def train(self, round_: int, plan: Plan, payloads: Payloads) -> RoundUploads:
+        trainer, sent, messages = self.trainer, {}, {}
+        for client, rank in plan:
+            sent[client] = payloads(client, rank)
+            messages[client] = trainer._message(MessageType.TRAIN, self.model, round_, client, rank, *sent[client])
+        trainer._inbox.send(messages)
+        deadline = time.monotonic() + trainer.round_timeout
+        replies = {client: trainer._inbox.wait(client, deadline) for client in messages}
+        trainer._stop_if_all_lost(round_, {c: _reason(r, "train", trainer.round_timeout) for c, r in replies.items()})
+        uploads = RoundUploads(downloaded=payloads.downloaded)
+        for client, rank in plan:  # a lost client is worded as `fedilora fit` words a client that raised
+            update, problem = record(
+                lambda: trainer._update(replies[client], client, rank),  # noqa: B023 (called at once)
+                lambda update: payloads.check(update, *sent[client]),  # noqa: B023
+            )
+            if problem is None:
+                uploads.updates.append(update)
+            else:
+                uploads.failures.append((client, problem))
+        return uploads
 
 
 app = ServerApp()
