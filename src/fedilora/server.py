@@ -38,7 +38,7 @@ from fedilora.algorithms.sums import sample_weights, weighted_average
 from fedilora.errors import ConfigError, RunFailed
 from fedilora.lora_ops import nbytes
 from fedilora.personal import Personal, PersonalStore
-from fedilora.privacy.dp import DifferentialPrivacy, coverage, released_only
+from fedilora.privacy.dp import DifferentialPrivacy, coverage
 from fedilora.privacy.rounds import add_contributions, contribution, release, zero_contribution
 from fedilora.privacy.secagg import SecureAggregation
 from fedilora.types import ClientUpdate, State
@@ -184,8 +184,7 @@ class RoundResult:
         )
         if not math.isnan(self.norm_ratio):  # defined with enough updates only
             metrics["round/update_norm_ratio"] = self.norm_ratio
-        metrics = {**metrics, **self.privacy}
-        return released_only(metrics) if self.released_only else metrics
+        return {**metrics, **self.privacy}  # under DP the engine keeps only the released ones (with the rest)
 
 
 class FederatedServer:
